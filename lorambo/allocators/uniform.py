@@ -1,0 +1,26 @@
+"""Uniform: the same rank r everywhere, each layer clipped to its maximum rank; r is the largest that fits.
+With no clipping this is r = floor(P_max / sum_i c_i) (../shared/METHODS.md section 1); when small layers
+saturate, their unspent share lets r rise for the others."""
+
+from lorambo.allocators import register
+from lorambo.budget import LayerSpec
+from lorambo.errors import LoramboError
+
+
+def uniform_cost(layers: list[LayerSpec], r: int) -> int:
+    return sum(min(r, layer.max_rank) * layer.cost for layer in layers)
+
+
+@register("uniform")
+def uniform_ranks(layers: list[LayerSpec], p_max: int, stats: dict) -> dict[str, int]:
+    total_cost = sum(layer.cost for layer in layers)
+    r = p_max // total_cost
+    if r < 1:
+        raise LoramboError(
+            f"budget P_max={p_max:,} is below uniform rank 1 ({total_cost:,} params); "
+            f"choose budget=r1 or larger"
+        )
+    top = max(layer.max_rank for layer in layers)
+    while r < top and uniform_cost(layers, r + 1) <= p_max:
+        r += 1
+    return {layer.name: min(r, layer.max_rank) for layer in layers}

@@ -1,0 +1,79 @@
+"""`lorambo-run`: a thin @hydra.main shim around lorambo.train.run."""
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import lorambo  # noqa: F401  (torchvision fix before anything imports it)
+from lorambo.config import CONF_DIR
+from lorambo.errors import LoramboError
+
+CONFIG_GROUPS = ("model", "task", "allocator", "budget", "logger", "experiment")
+_failures = []
+
+
+def group_options(group: str) -> list[str]:
+    folder = os.path.join(CONF_DIR, group)
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml") and not f.startswith("_"))
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Hydra reports an unknown group option in a dozen lines; say it in one, with the choices."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in CONFIG_GROUPS or value in ("", "null"):
+            continue
+        choices = value.split(",") if not value.startswith(("glob(", "range(", "choice(")) else []
+        for choice in choices:
+            if choice not in group_options(key):
+                raise LoramboError(f"unknown {key} '{choice}'; choose one of: {', '.join(group_options(key))}")
+
+
+def fail(message: str) -> None:
+    print(f"lorambo-run: error: {message}", file=sys.stderr)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    import datasets
+    import transformers
+
+    from lorambo.train import run
+
+    datasets.disable_progress_bars()  # one progress bar: training's
+    transformers.logging.set_verbosity_error()
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        metrics = run(cfg, run_dir)
+    except (LoramboError, OmegaConfBaseException) as e:
+        message = str(e.__cause__ or e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
+        with open(os.path.join(run_dir, "error.txt"), "w") as f:
+            f.write(message + "\n")
+        fail(message)
+        _failures.append(run_dir)
+        return None
+    main_metric = cfg.task.main_metric
+    print(f"{main_metric}={metrics[main_metric]:.4f} adapter_params={metrics['adapter_params']:,} "
+          f"train_seconds={metrics['train_seconds']:.1f}")
+    print(f"results: {os.path.join(run_dir, 'metrics.json')}")
+    return metrics[main_metric]
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except LoramboError as e:
+        fail(str(e))
+        sys.exit(2)
+    _main()
+    if _failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

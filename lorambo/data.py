@@ -1,0 +1,223 @@
+"""Tasks: hub datasets (GLUE, WikiText-103, ImageNet), offline assets, and user-supplied local files.
+
+Every text task becomes a `datasets.DatasetDict` with the task's text fields and label, then goes through
+one tokenization path; every image task becomes a dataset of {pixel_values, labels}.
+"""
+
+import csv
+import gzip
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lorambo.errors import LoramboError
+
+
+@dataclass
+class TaskData:
+    train: torch.utils.data.Dataset
+    evals: dict  # eval split name -> dataset
+    collate_fn: object
+
+
+def load_task(task_cfg, model_cfg, tokenizer) -> TaskData:
+    if task_cfg.type == "image_classification":
+        return _image_task(task_cfg, model_cfg)
+    raw = _text_splits(task_cfg)
+    if task_cfg.type == "lm":
+        return _lm_task(task_cfg, raw, tokenizer)
+    return _classification_task(task_cfg, raw, tokenizer)
+
+
+def _check_file(path) -> str:
+    if not path or not os.path.exists(str(path)):
+        raise LoramboError(f"data file not found: '{path}'; check task.path (or run `make setup` for offline assets)")
+    return str(path)
+
+
+def _subsample(ds, n):
+    return ds.select(range(min(n, len(ds)))) if n else ds
+
+
+def _text_splits(task_cfg):
+    """Train split + eval splits as a DatasetDict of raw text, whatever the source."""
+    import datasets
+
+    source = task_cfg.source
+    if source == "hub":
+        try:
+            raw = datasets.load_dataset(task_cfg.dataset.path, task_cfg.dataset.get("name"))
+        except Exception as e:  # the hub or a local folder: a user can fix either by the path
+            raise LoramboError(f"cannot load dataset '{task_cfg.dataset.path}' ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); set task.dataset.path to a local copy")
+    elif source == "local_file":
+        files = {"train": _check_file(task_cfg.path)}
+        if task_cfg.get("validation_path"):
+            files["validation"] = _check_file(task_cfg.validation_path)
+        fmt = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json"}.get(task_cfg.path.rsplit(".", 1)[-1])
+        if fmt is None:
+            raise LoramboError(f"task.path '{task_cfg.path}' must end in .csv, .tsv, .json or .jsonl")
+        kwargs = {"delimiter": "\t"} if task_cfg.path.endswith(".tsv") else {}
+        raw = datasets.load_dataset(fmt, data_files=files, **kwargs)
+        missing = [c for c in [*task_cfg.text_fields, task_cfg.label_field] if c not in raw["train"].column_names]
+        if missing:
+            raise LoramboError(f"columns {missing} not in {task_cfg.path} (has {raw['train'].column_names}); "
+                               f"set task.text_fields / task.label_field")
+    elif source == "rt_snippets":
+        raw = datasets.DatasetDict({"train": _rt_snippets(_check_file(task_cfg.path))})
+    elif source == "wiki_summaries":
+        with open(_check_file(task_cfg.path), encoding="utf-8") as f:
+            articles = json.load(f)
+        texts = [a["extract"] for _, a in sorted(articles.items()) if a.get("extract")]
+        raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})})
+    else:
+        raise LoramboError(f"unknown task.source '{source}'")
+    if "validation" not in raw and task_cfg.get("validation_fraction"):
+        # A fixed split (seed 0), independent of the run's seed, so every run sees the same validation set.
+        split = raw["train"].train_test_split(test_size=task_cfg.validation_fraction, seed=0)
+        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+    return raw
+
+
+def _rt_snippets(path):
+    """Rotten Tomatoes snippets (id, mean rating -4..+4, text): positive if the rating is above 0;
+    the 37 snippets rated exactly 0 are dropped."""
+    import datasets
+
+    texts, labels = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            rating = float(row["sentiment"])
+            if rating != 0:
+                texts.append(row["text"].strip())
+                labels.append(int(rating > 0))
+    return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+
+def _eval_split_names(task_cfg) -> dict:
+    """Report name -> split name; e.g. MNLI's {matched: validation_matched, mismatched: validation_mismatched}."""
+    return dict(task_cfg.get("eval_splits") or {"validation": "validation"})
+
+
+def _classification_task(task_cfg, raw, tokenizer) -> TaskData:
+    from transformers import DataCollatorWithPadding
+
+    regression = task_cfg.type == "regression"
+
+    def encode(batch):
+        enc = tokenizer(*[batch[f] for f in task_cfg.text_fields], truncation=True, max_length=task_cfg.max_length)
+        enc["labels"] = [float(x) for x in batch[task_cfg.label_field]] if regression else batch[task_cfg.label_field]
+        return enc
+
+    def prepare(split, limit):
+        ds = _subsample(raw[split].shuffle(seed=0) if limit else raw[split], limit)
+        ds = ds.map(encode, batched=True, remove_columns=ds.column_names)
+        return ds.with_format("torch")
+
+    train = prepare(task_cfg.get("train_split", "train"), task_cfg.get("max_train_samples"))
+    evals = {name: prepare(split, task_cfg.get("max_eval_samples")) for name, split in _eval_split_names(task_cfg).items()}
+    return TaskData(train, evals, DataCollatorWithPadding(tokenizer))
+
+
+def _lm_task(task_cfg, raw, tokenizer) -> TaskData:
+    """Causal LM: tokenize, concatenate, cut into blocks of max_length; labels are the inputs (the model shifts)."""
+    from transformers import default_data_collator
+
+    block = task_cfg.max_length
+
+    def encode(batch):
+        ids = tokenizer(batch[task_cfg.text_fields[0]], add_special_tokens=False)["input_ids"]
+        flat = [t for seq in ids for t in (seq + [tokenizer.eos_token_id or tokenizer.sep_token_id])]
+        n = len(flat) // block * block
+        blocks = [flat[i:i + block] for i in range(0, n, block)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": blocks}
+
+    def prepare(split, limit):
+        ds = raw[split]
+        ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names)
+        return _subsample(ds, limit).with_format("torch")
+
+    train = prepare(task_cfg.get("train_split", "train"), task_cfg.get("max_train_samples"))
+    evals = {name: prepare(split, task_cfg.get("max_eval_samples")) for name, split in _eval_split_names(task_cfg).items()}
+    return TaskData(train, evals, default_data_collator)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images (uint8 N x H x W [x C] array, or a datasets.Dataset with `image`) -> {pixel_values, labels}."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.transform(self.images[i]), "labels": int(self.labels[i])}
+
+
+def _image_transform(model_cfg, task_cfg, train: bool):
+    from torchvision.transforms import v2
+
+    size = model_cfg.image_size
+    steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if model_cfg.in_chans == 3:
+        steps.append(v2.RGB())
+    else:
+        steps.append(v2.Grayscale(model_cfg.in_chans))
+    if train and task_cfg.get("augment", False):
+        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    steps.append(v2.Normalize(list(model_cfg.mean), list(model_cfg.std)))
+    return v2.Compose(steps)
+
+
+def _read_idx(path) -> np.ndarray:
+    """MNIST idx format (gzip). Written here because the Debian package's layout is not torchvision's."""
+    with gzip.open(_check_file(path), "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _image_task(task_cfg, model_cfg) -> TaskData:
+    limits = {"train": task_cfg.get("max_train_samples"), "validation": task_cfg.get("max_eval_samples")}
+    transforms = {s: _image_transform(model_cfg, task_cfg, s == "train") for s in limits}
+    if task_cfg.source == "fashion_mnist":
+        splits = {}
+        for split, prefix in {"train": "train", "validation": "t10k"}.items():
+            images = _read_idx(f"{task_cfg.path}/{prefix}-images-idx3-ubyte.gz")
+            labels = _read_idx(f"{task_cfg.path}/{prefix}-labels-idx1-ubyte.gz")
+            if limits[split]:  # a fixed subset (seed 0), the same for every run
+                idx = np.random.default_rng(0).permutation(len(labels))[: limits[split]]
+                images, labels = images[idx], labels[idx]
+            splits[split] = ImageDataset(images, labels, transforms[split])
+        return TaskData(splits["train"], {"validation": splits["validation"]}, None)
+
+    # ImageNet and friends: a local ImageFolder (task.data_dir) or a hub dataset with image/label columns,
+    # decoded lazily by datasets' on-the-fly transform.
+    import datasets
+
+    data_dir = task_cfg.get("data_dir")
+    if data_dir and not os.path.isdir(data_dir):
+        raise LoramboError(f"task.data_dir '{data_dir}' is not a folder; point it at an ImageFolder (train/, validation/)")
+    try:
+        if data_dir:
+            ds = datasets.load_dataset("imagefolder", data_dir=data_dir)
+        else:
+            ds = datasets.load_dataset(task_cfg.dataset.path, task_cfg.dataset.get("name"))
+    except Exception as e:
+        raise LoramboError(f"cannot load images ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           f"set task.data_dir to a local ImageFolder")
+
+    def prepare(split):
+        part = _subsample(ds[split].shuffle(seed=0) if limits[split] else ds[split], limits[split])
+        transform = transforms[split]
+        return part.with_transform(
+            lambda b: {"pixel_values": [transform(im) for im in b["image"]], "labels": b["label"]})
+
+    return TaskData(prepare("train"), {"validation": prepare("validation")}, None)

@@ -1,0 +1,37 @@
+"""Result files: written whole or not at all."""
+
+import json
+import os
+import resource
+import tempfile
+
+import torch
+
+
+def write_json_atomic(path, data) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone who can read the folder
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor held in the optimizer's state."""
+    return sum(t.numel() * t.element_size()
+               for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+
+
+def peak_memory_bytes(device) -> int:
+    """CUDA max allocated on GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,0 +1,241 @@
+"""The one training entry point: build, allocate ranks, wrap, train, evaluate, save. Read top to bottom."""
+
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lorambo.adapters import adapter_parameter_count, adapter_ranks, expected_parameter_count, wrap_lora
+from lorambo.allocators import allocate
+from lorambo.budget import resolve_p_max
+from lorambo.data import load_task
+from lorambo.errors import LoramboError
+from lorambo.metrics import perplexity, task_metrics
+from lorambo.models import (adaptable_layers, build_model, build_tokenizer, check_model_fits_task,
+                            head_parameters)
+from lorambo.results import optimizer_state_bytes, peak_memory_bytes, write_json_atomic
+
+
+def forward(model, batch, task_type):
+    """(mean loss, logits) for any family: timm models return logits, Hugging Face models an output."""
+    if task_type == "image_classification":
+        logits = model(batch["pixel_values"])
+        return F.cross_entropy(logits, batch["labels"]), logits
+    out = model(**batch)
+    return out.loss, out.logits
+
+
+@torch.no_grad()
+def evaluate(model, loader, task_cfg, accelerator) -> dict[str, float]:
+    model.eval()
+    gathered, labels = [], []
+    for batch in loader:
+        loss, logits = forward(model, batch, task_cfg.type)
+        if task_cfg.type == "lm":
+            # per-block mean token loss; blocks have equal length, so their mean is the token mean
+            shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+            per_block = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none").mean(1)
+            gathered.append(accelerator.gather_for_metrics(per_block).cpu())
+        else:
+            logits, batch_labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
+            gathered.append(logits.cpu())
+            labels.append(batch_labels.cpu())
+    model.train()
+    if task_cfg.type == "lm":
+        losses = torch.cat(gathered)
+        return perplexity(float(losses.sum()), len(losses))
+    return task_metrics(task_cfg.metrics, torch.cat(gathered).numpy(), torch.cat(labels).numpy())
+
+
+def evaluate_all(model, eval_loaders, task_cfg, accelerator) -> dict[str, float]:
+    """One split: plain metric names; several (MNLI): `accuracy_matched`, `accuracy_mismatched`."""
+    results = {}
+    for split, loader in eval_loaders.items():
+        for key, value in evaluate(model, loader, task_cfg, accelerator).items():
+            results[key if len(eval_loaders) == 1 else f"{key}_{split}"] = value
+    return results
+
+
+def train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg):
+    """One micro-batch: forward, backward, and (when gradients are in sync) clip, step and zero."""
+    with accelerator.accumulate(model):
+        loss, _ = forward(model, batch, cfg.task.type)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.train.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def run(cfg, run_dir: str) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    t_start = time.perf_counter()
+    check_model_fits_task(cfg.model, cfg.task)
+    logger = cfg.logger.name
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=None if logger == "none" else "wandb",
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.seed)
+
+    # --- data, base model, layers, ranks, adapter
+    tokenizer = build_tokenizer(cfg.model)
+    data = load_task(cfg.task, cfg.model, tokenizer)
+    model = build_model(cfg.model, cfg.task, tokenizer)
+    if not cfg.model.pretrained and accelerator.is_main_process:
+        save_base_model(model, cfg.model, run_dir)  # a config-built base is random: keep it for reloading
+    layers = adaptable_layers(model, cfg.model.target_modules)
+    head = head_parameters(model, cfg.model.head_modules)
+    full_ft = cfg.allocator.adapter == "none"
+    if full_ft:
+        p_max, ranks = None, {}
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        p_max = resolve_p_max(cfg.budget, layers)
+        ranks = allocate(cfg.allocator.name, layers, p_max)
+        model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora)
+        if adapter_parameter_count(model) != expected_parameter_count(ranks, layers):
+            raise RuntimeError("adapter tensors do not hold sum r_i c_i parameters")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # --- optimisation
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=data.collate_fn, generator=generator)
+    eval_loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=data.collate_fn)
+                    for name, ds in data.evals.items()}
+    if len(train_loader) == 0:
+        raise LoramboError(f"training split has {len(data.train)} examples, fewer than one batch; "
+                           f"lower train.batch_size (now {cfg.train.batch_size})")
+    steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(train_loader) // cfg.train.grad_accum)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if logger != "none":
+        accelerator.init_trackers(cfg.logger.project, config=resolved, init_kwargs={"wandb": {
+            "mode": cfg.logger.mode, "dir": run_dir, "name": os.path.basename(run_dir)}})
+    log_path = os.path.join(run_dir, "metrics_log.jsonl")
+
+    def log(record: dict, step: int) -> None:
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+        accelerator.log(record, step=step)
+
+    # --- training loop
+    model.train()
+    progress = tqdm(total=steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    step, epoch, step_times, interval_loss, interval_batches = 0, 0, [], 0.0, 0
+    t_train = time.perf_counter()
+    t_interval = t_train
+    while step < steps:
+        train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            t_step = time.perf_counter()
+            loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg)
+            interval_loss = interval_loss + loss.detach()  # stays on device: no host sync per step
+            interval_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            step_times.append(time.perf_counter() - t_step)
+            progress.update(1)
+            if step % cfg.train.log_every == 0 or step == steps:
+                mean_loss = float(interval_loss) / interval_batches
+                if not math.isfinite(mean_loss):
+                    raise LoramboError(f"loss became {mean_loss} by step {step}; lower train.lr "
+                                       f"(now {cfg.train.lr:g}) or set train.mixed_precision=no")
+                elapsed = time.perf_counter() - t_interval
+                rate = interval_batches * cfg.train.batch_size * accelerator.num_processes / elapsed
+                progress.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:.1f}")
+                log({"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "samples_per_second": rate}, step)
+                interval_loss, interval_batches, t_interval = 0.0, 0, time.perf_counter()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+                log({f"eval/{k}": v for k, v in evaluate_all(model, eval_loaders, cfg.task, accelerator).items()},
+                    step)
+            if step >= steps:
+                break
+        epoch += 1
+    progress.close()
+    train_seconds = time.perf_counter() - t_train
+
+    # --- evaluation, counts, saving
+    t_eval = time.perf_counter()
+    results = evaluate_all(model, eval_loaders, cfg.task, accelerator)
+    eval_seconds = time.perf_counter() - t_eval
+    unwrapped = accelerator.unwrap_model(model)
+    adapter_params = 0 if full_ft else adapter_parameter_count(unwrapped)
+    element_size = next(p for p in trainable).element_size()
+    metrics = {
+        **results,
+        "model": cfg.model.name, "task": cfg.task.name, "allocator": cfg.allocator.name, "seed": cfg.seed,
+        "p_max": p_max,
+        "adapter_params": adapter_params,
+        "adapter_bytes": adapter_params * element_size,
+        "adapter_mib": adapter_params * element_size / 2**20,
+        "head_params": sum(p.numel() for p in head),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "step_seconds_median": statistics.median(step_times),
+        "steps": step,
+        "lr": cfg.train.lr,
+        "ranks": {} if full_ft else adapter_ranks(unwrapped),
+    }
+    if accelerator.is_main_process:
+        save_trained(unwrapped, full_ft, run_dir)
+        with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(resolved))
+        metrics["total_seconds"] = time.perf_counter() - t_start
+        log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}, step)
+        accelerator.log({f"rank/{name}": r for name, r in metrics["ranks"].items()}, step=step)
+        write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)  # last: its presence means complete
+    accelerator.end_training()
+    return metrics
+
+
+def save_base_model(model, model_cfg, run_dir: str) -> None:
+    path = os.path.join(run_dir, "base_model")
+    if model_cfg.family == "vision":
+        os.makedirs(path, exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(path, "model.pt"))
+    else:
+        model.save_pretrained(path)
+
+
+def save_trained(model, full_ft: bool, run_dir: str) -> None:
+    """The adapter in PEFT's format (`PeftModel.from_pretrained(base, run_dir/adapter)`), or for full
+    fine-tuning the whole model."""
+    if not full_ft:
+        model.save_pretrained(os.path.join(run_dir, "adapter"))
+    elif hasattr(model, "save_pretrained"):
+        model.save_pretrained(os.path.join(run_dir, "model"))
+    else:
+        os.makedirs(os.path.join(run_dir, "model"), exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(run_dir, "model", "model.pt"))

@@ -1,0 +1,27 @@
+import os
+import subprocess
+import sys
+
+from hydra import compose, initialize_config_dir
+
+import lorambo  # noqa: F401
+from lorambo.config import CONF_DIR
+
+
+def compose_cfg(overrides=()):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_in_process(overrides, run_dir):
+    """A run through the same `run` the CLI calls, without a subprocess (faster)."""
+    from lorambo.train import run
+
+    os.makedirs(run_dir, exist_ok=True)
+    return run(compose_cfg(["logger=none", *overrides]), str(run_dir))
+
+
+def run_cli(args, cwd, timeout=600):
+    """`lorambo-run ARGS` as a user runs it, from `cwd`."""
+    exe = os.path.join(os.path.dirname(sys.executable), "lorambo-run")
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

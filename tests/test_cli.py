@@ -1,0 +1,69 @@
+"""`lorambo-run` as a user runs it: the smoke run, wandb offline, a sweep, and every bad input."""
+
+import glob
+import json
+import os
+import time
+
+import pytest
+
+from tests.helpers import run_cli
+
+SMOKE = ["experiment=smoke"]
+
+
+def completed_runs(cwd):
+    return glob.glob(os.path.join(cwd, "runs", "**", "metrics.json"), recursive=True)
+
+
+def test_smoke_run_is_complete_and_quick(tmp_path):
+    start = time.perf_counter()
+    result = run_cli(SMOKE, cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 60
+    (path,) = completed_runs(tmp_path)
+    assert f"results: {path}" in result.stdout
+    metrics = json.load(open(path))
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["steps"] == 16
+    assert os.path.exists(os.path.join(os.path.dirname(path), "adapter", "adapter_config.json"))
+
+
+def test_wandb_offline_logs_into_the_run_folder(tmp_path):
+    result = run_cli([*SMOKE, "logger=wandb_offline"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (path,) = completed_runs(tmp_path)
+    offline = glob.glob(os.path.join(os.path.dirname(path), "wandb", "offline-run-*", "*.wandb"))
+    assert offline, "no offline wandb run written"
+
+
+def test_sweep_runs_every_cell(tmp_path):
+    result = run_cli(["-m", *SMOKE, "budget=r1,r4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = sorted(completed_runs(tmp_path))
+    assert len(runs) == 2
+    params = sorted(json.load(open(p))["adapter_params"] for p in runs)
+    assert params[1] == 4 * params[0]
+
+
+BAD_INPUTS = {
+    "unknown model": (["model=gpt5"], "unknown model 'gpt5'"),
+    "unknown task": ([*SMOKE, "task=imagenet22k"], "unknown task 'imagenet22k'"),
+    "unknown allocator": ([*SMOKE, "allocator=magic"], "unknown allocator 'magic'"),
+    "budget below one rank": ([*SMOKE, "budget=6M", "budget.p_max=10"], "smaller than one rank"),
+    "budget above full rank": ([*SMOKE, "budget=6M"], "exceeds full rank"),
+    "missing data file": ([*SMOKE, "task=local_file", "task.path=/nonexistent/train.csv"], "data file not found"),
+    "LM task on a classifier": ([*SMOKE, "task=wiki_summaries"], "does not fit model"),
+    "NaN loss": ([*SMOKE, "train.lr=1e30", "train.warmup_ratio=0"], "loss became"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_no_traceback_no_result(case, tmp_path):
+    args, message = BAD_INPUTS[case]
+    result = run_cli(args, cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lorambo-run: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert completed_runs(tmp_path) == []
