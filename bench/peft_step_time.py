@@ -18,10 +18,10 @@ import lorambo  # noqa: F401  (torchvision fix)
 from lorambo.adapters import wrap_lora
 from lorambo.allocators import allocate
 from lorambo.budget import resolve_p_max
+from lorambo.config import compose_config
 from lorambo.data import load_task
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
 from lorambo.train import train_step
-from tests.helpers import compose_cfg
 
 
 def lorambo_stepper(cfg, batches):
@@ -86,7 +86,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
 
-    cfg = compose_cfg(["budget=r8", f"task.max_length={args.max_length}", "task.max_train_samples=2000"])
+    cfg = compose_config(["budget=r8", f"task.max_length={args.max_length}", "task.max_train_samples=2000"])
     data = load_task(cfg.task, cfg.model, build_tokenizer(cfg.model))
     loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, collate_fn=data.collate_fn)
     batches = [batch for _, batch in zip(range(args.steps), loader)]

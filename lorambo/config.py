@@ -23,3 +23,11 @@ def package_path(package: str, relative: str = "") -> str:
 
 
 OmegaConf.register_new_resolver("pkg_path", package_path, replace=True)
+
+
+def compose_config(overrides=()):
+    """The config `lorambo-run OVERRIDES` would run, composed without running (tests, benchmarks)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))

@@ -23,6 +23,17 @@ from lorambo.models import (adaptable_layers, build_model, build_tokenizer, chec
 from lorambo.results import optimizer_state_bytes, peak_memory_bytes, write_json_atomic
 
 
+def set_train_mode(model, adapter_only: bool) -> None:
+    """Training mode; with an adapter, batch-norm layers keep their base statistics (eval mode): running
+    stats are buffers of the base model that the adapter file does not hold, so updating them would make the
+    saved adapter not reproduce the trained model (and only adapter parameters are meant to change)."""
+    model.train()
+    if adapter_only:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def forward(model, batch, task_type):
     """(mean loss, logits) for any family: timm models return logits, Hugging Face models an output."""
     if task_type == "image_classification":
@@ -47,7 +58,6 @@ def evaluate(model, loader, task_cfg, accelerator) -> dict[str, float]:
             logits, batch_labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
             gathered.append(logits.cpu())
             labels.append(batch_labels.cpu())
-    model.train()
     if task_cfg.type == "lm":
         losses = torch.cat(gathered)
         return perplexity(float(losses.sum()), len(losses))
@@ -147,40 +157,42 @@ def run(cfg, run_dir: str) -> dict:
         accelerator.log(record, step=step)
 
     # --- training loop
-    model.train()
-    progress = tqdm(total=steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
     step, epoch, step_times, interval_loss, interval_batches = 0, 0, [], 0.0, 0
     t_train = time.perf_counter()
     t_interval = t_train
-    while step < steps:
-        train_loader.set_epoch(epoch)
-        for batch in train_loader:
-            t_step = time.perf_counter()
-            loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg)
-            interval_loss = interval_loss + loss.detach()  # stays on device: no host sync per step
-            interval_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            step_times.append(time.perf_counter() - t_step)
-            progress.update(1)
-            if step % cfg.train.log_every == 0 or step == steps:
-                mean_loss = float(interval_loss) / interval_batches
-                if not math.isfinite(mean_loss):
-                    raise LoramboError(f"loss became {mean_loss} by step {step}; lower train.lr "
-                                       f"(now {cfg.train.lr:g}) or set train.mixed_precision=no")
-                elapsed = time.perf_counter() - t_interval
-                rate = interval_batches * cfg.train.batch_size * accelerator.num_processes / elapsed
-                progress.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:.1f}")
-                log({"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "samples_per_second": rate}, step)
-                interval_loss, interval_batches, t_interval = 0.0, 0, time.perf_counter()
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
-                log({f"eval/{k}": v for k, v in evaluate_all(model, eval_loaders, cfg.task, accelerator).items()},
-                    step)
-            if step >= steps:
-                break
-        epoch += 1
-    progress.close()
+    # a context manager, so the bar is closed before any error line is printed
+    with tqdm(total=steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True) as progress:
+        set_train_mode(model, not full_ft)
+        while step < steps:
+            train_loader.set_epoch(epoch)
+            for batch in train_loader:
+                t_step = time.perf_counter()
+                loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg)
+                interval_loss = interval_loss + loss.detach()  # stays on device: no host sync per step
+                interval_batches += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                step_times.append(time.perf_counter() - t_step)
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == steps:
+                    mean_loss = float(interval_loss) / interval_batches
+                    if not math.isfinite(mean_loss):
+                        raise LoramboError(f"loss became {mean_loss} by step {step}; lower train.lr "
+                                           f"(now {cfg.train.lr:g}) or set train.mixed_precision=no")
+                    elapsed = time.perf_counter() - t_interval
+                    rate = interval_batches * cfg.train.batch_size * accelerator.num_processes / elapsed
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:.1f}")
+                    log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                         "train/samples_per_second": rate}, step)
+                    interval_loss, interval_batches, t_interval = 0.0, 0, time.perf_counter()
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+                    log({f"eval/{k}": v for k, v in evaluate_all(model, eval_loaders, cfg.task, accelerator).items()},
+                        step)
+                    set_train_mode(model, not full_ft)
+                if step >= steps:
+                    break
+            epoch += 1
     train_seconds = time.perf_counter() - t_train
 
     # --- evaluation, counts, saving

@@ -2,15 +2,8 @@ import os
 import subprocess
 import sys
 
-from hydra import compose, initialize_config_dir
-
 import lorambo  # noqa: F401
-from lorambo.config import CONF_DIR
-
-
-def compose_cfg(overrides=()):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+from lorambo.config import compose_config as compose_cfg  # noqa: F401  (re-exported for the tests)
 
 
 def run_in_process(overrides, run_dir):

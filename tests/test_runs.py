@@ -16,7 +16,7 @@ from lorambo.models import adaptable_layers, build_model, build_tokenizer
 from tests.helpers import compose_cfg, run_in_process
 
 QUICK = ["train.max_steps=6", "train.log_every=3", "train.batch_size=8", "train.eval_batch_size=32",
-         "task.max_train_samples=64", "task.max_eval_samples=48"]
+         "task.max_train_samples=64", "task.max_eval_samples=48", "train.eval_every=3"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,9 @@ def test_tiny_run_counts_budget_and_round_trip(family, tmp_path, pair_csv):
     assert metrics["adapter_bytes"] == 4 * metrics["adapter_params"]  # fp32 on CPU
     # AdamW: two moments per trainable parameter plus one step counter per tensor
     assert metrics["optimizer_state_bytes"] >= 8 * (metrics["adapter_params"] + metrics["head_params"])
-    assert (run_dir / "metrics_log.jsonl").read_text().count("\n") >= 2
+    log = [json.loads(line) for line in (run_dir / "metrics_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "train/loss" in r] == [3, 6]
+    assert any(k.startswith("eval/") for r in log if r["step"] == 3 for k in r)  # train.eval_every=3
     assert (run_dir / "config_resolved.yaml").exists()
 
     reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))
@@ -166,4 +168,4 @@ def test_same_seed_repeats_on_cpu(tmp_path):
     assert first["accuracy"] == second["accuracy"]
     log_a = (tmp_path / "a" / "metrics_log.jsonl").read_text().splitlines()[0]
     log_b = (tmp_path / "b" / "metrics_log.jsonl").read_text().splitlines()[0]
-    assert json.loads(log_a)["loss"] == json.loads(log_b)["loss"]
+    assert json.loads(log_a)["train/loss"] == json.loads(log_b)["train/loss"]
