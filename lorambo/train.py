@@ -5,6 +5,7 @@ import math
 import os
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -13,14 +14,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lorambo.adapters import adapter_parameter_count, adapter_ranks, expected_parameter_count, wrap_lora
-from lorambo.allocators import allocate
+from lorambo.allocators import allocate, required_stats
 from lorambo.budget import resolve_p_max
 from lorambo.data import load_task
 from lorambo.errors import LoramboError
+from lorambo.growth import OnlineGrowth, sync_peft_config
 from lorambo.metrics import perplexity, task_metrics
 from lorambo.models import (adaptable_layers, build_model, build_tokenizer, check_model_fits_task,
                             head_parameters)
+from lorambo.plots import plot_rank_history, plot_ranks
 from lorambo.results import optimizer_state_bytes, peak_memory_bytes, write_json_atomic
+from lorambo.sensitivity import estimate
+from lorambo.sensitivity import summary as sensitivity_summary
 
 
 def set_train_mode(model, adapter_only: bool) -> None:
@@ -117,16 +122,37 @@ def run(cfg, run_dir: str) -> dict:
     layers = adaptable_layers(model, cfg.model.target_modules)
     head = head_parameters(model, cfg.model.head_modules)
     full_ft = cfg.allocator.adapter == "none"
+    stats, sensitivity_seconds, growth = {}, 0.0, None
     if full_ft:
         p_max, ranks = None, {}
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         p_max = resolve_p_max(cfg.budget, layers)
-        ranks = allocate(cfg.allocator.name, layers, p_max)
+        options = allocator_options(cfg.allocator)
+        if cfg.allocator.get("from_run"):
+            ranks = ranks_from_run(cfg.allocator.from_run, layers, p_max)
+        else:
+            required = required_stats(cfg.allocator.name, **options)
+            if required:  # sensitivities on the base model, before the adapter exists
+                t_sens = time.perf_counter()
+                batches = estimation_batches(data, cfg, accelerator.device)
+                stats = estimate(required, model.to(accelerator.device), layers, batches,
+                                 lambda m, b: forward(m, b, cfg.task.type)[0], cfg.sensitivity, cfg.seed)
+                sensitivity_seconds = time.perf_counter() - t_sens
+                if accelerator.is_main_process:
+                    write_json_atomic(os.path.join(run_dir, "sensitivities.json"), sensitivity_summary(stats))
+            ranks = allocate(cfg.allocator.name, layers, p_max, stats, **options)
         model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora)
         if adapter_parameter_count(model) != expected_parameter_count(ranks, layers):
             raise RuntimeError("adapter tensors do not hold sum r_i c_i parameters")
+        if accelerator.is_main_process:
+            write_json_atomic(os.path.join(run_dir, "allocation.json"),
+                              {"allocator": cfg.allocator.name, "p_max": p_max, "ranks": ranks})
+        if cfg.allocator.name == "hessian_online" and not cfg.allocator.get("from_run"):
+            growth = OnlineGrowth(layers, p_max, stats["hessian_trace"], cfg.allocator, run_dir)
+            if accelerator.is_main_process:
+                growth.record(0, ranks)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # --- optimisation
@@ -167,7 +193,13 @@ def run(cfg, run_dir: str) -> dict:
             train_loader.set_epoch(epoch)
             for batch in train_loader:
                 t_step = time.perf_counter()
-                loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg)
+                measuring = growth is not None and accelerator.sync_gradients and growth.due(step + 1)
+                with growth.measuring(accelerator.unwrap_model(model)) if measuring else nullcontext():
+                    loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg)
+                if measuring and growth.grow(step + 1, accelerator.unwrap_model(model), optimizer, accelerator):
+                    trainable = [p for p in model.parameters() if p.requires_grad]
+                    if accelerator.num_processes > 1:  # DDP's buckets hold the old tensors: wrap anew
+                        model = accelerator.prepare_model(accelerator.unwrap_model(model))
                 interval_loss = interval_loss + loss.detach()  # stays on device: no host sync per step
                 interval_batches += 1
                 if not accelerator.sync_gradients:
@@ -214,6 +246,7 @@ def run(cfg, run_dir: str) -> dict:
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "peak_memory_bytes": peak_memory_bytes(accelerator.device),
         "train_seconds": train_seconds,
+        "sensitivity_seconds": sensitivity_seconds,
         "eval_seconds": eval_seconds,
         "step_seconds_median": statistics.median(step_times),
         "steps": step,
@@ -221,6 +254,16 @@ def run(cfg, run_dir: str) -> dict:
         "ranks": {} if full_ft else adapter_ranks(unwrapped),
     }
     if accelerator.is_main_process:
+        if not full_ft:
+            sync_peft_config(unwrapped)  # online growth changed ranks: the saved config must say so
+            plot_ranks(metrics["ranks"], [l.name for l in layers], os.path.join(run_dir, "ranks.png"),
+                       f"{cfg.allocator.name}: {metrics['adapter_params']:,} adapter parameters")
+        if growth is not None:
+            growth.record(step, metrics["ranks"])
+            with open(growth.history_path) as f:
+                history = [json.loads(line) for line in f]
+            plot_rank_history(history, [l.name for l in layers], os.path.join(run_dir, "rank_history.png"),
+                              "hessian_online: rank of every layer over training")
         save_trained(unwrapped, full_ft, run_dir)
         with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(resolved))
@@ -230,6 +273,42 @@ def run(cfg, run_dir: str) -> dict:
         write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)  # last: its presence means complete
     accelerator.end_training()
     return metrics
+
+
+def allocator_options(allocator_cfg) -> dict:
+    """The allocator's own settings, as keyword arguments of its allocation function."""
+    return {k: v for k, v in OmegaConf.to_container(allocator_cfg, resolve=True).items()
+            if k not in ("name", "adapter", "lr", "from_run")}
+
+
+def ranks_from_run(path: str, layers, p_max: int) -> dict[str, int]:
+    """Reuse another run's allocation (its allocation.json, or the final ranks in metrics.json)."""
+    for file in ("metrics.json", "allocation.json"):
+        if os.path.exists(os.path.join(path, file)):
+            with open(os.path.join(path, file)) as f:
+                ranks = json.load(f)["ranks"]
+            break
+    else:
+        raise LoramboError(f"allocator.from_run='{path}' has no allocation.json or metrics.json; "
+                           f"point it at a run folder")
+    known = {l.name: l for l in layers}
+    unknown = sorted(set(ranks) - set(known))
+    if unknown:
+        raise LoramboError(f"allocator.from_run ranks name layers this model does not have ({unknown[0]}, ...); "
+                           f"reuse a run of the same model")
+    cost = sum(r * known[n].cost for n, r in ranks.items())
+    if cost > p_max:
+        raise LoramboError(f"allocator.from_run allocation costs {cost:,} > P_max={p_max:,}; use that run's budget")
+    return ranks
+
+
+def estimation_batches(data, cfg, device) -> list[dict]:
+    """The first batches of a separately seeded shuffle of the training split, for sensitivity estimation."""
+    s = cfg.sensitivity
+    n = max(s.gradient_batches, s.hessian_batches, s.covariance_batches)
+    loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=data.collate_fn,
+                        generator=torch.Generator().manual_seed(cfg.seed + 1))
+    return [{k: v.to(device) for k, v in batch.items()} for _, batch in zip(range(n), loader)]
 
 
 def save_base_model(model, model_cfg, run_dir: str) -> None:

@@ -1,0 +1,199 @@
+"""Online rank growth of a PEFT LoRA model: measuring, deciding, and growing the real tensors.
+
+PEFT has no way to change a LoRA layer's rank in place, so `grow_rank` does it by hand: it appends rows to A
+and (zero) columns to B, keeps the layer's scale alpha/r of the existing components (so the model's function
+is unchanged at the moment of growth), and carries the optimizer state over (new entries start at zero).
+"""
+
+import json
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lorambo.adapters import rank_pattern_key
+from lorambo.allocators.hessian_online import growth_decision, marginal_benefits
+from lorambo.budget import LayerSpec
+from lorambo.sensitivity import layer_inputs_as_rows
+
+ADAPTER = "default"
+
+
+def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name.removeprefix("base_model.model."): m for name, m in peft_model.named_modules()
+            if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+def factor_matrices(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A as (r, d_in) and B as (d_out, r), whatever the layer type (Conv2d: A's kernel flattened)."""
+    A = layer.lora_A[ADAPTER].weight
+    B = layer.lora_B[ADAPTER].weight
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+
+
+def _replace_parameter(module: nn.Module, new: torch.Tensor, optimizer, old_slice) -> None:
+    """Swap module.weight for `new` (old values already copied in), in the optimizer too: every state tensor of
+    the parameter's shape grows the same way with zeros in the new entries; scalars (step) are kept."""
+    old = module.weight
+    param = nn.Parameter(new, requires_grad=old.requires_grad)
+    module.weight = param
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [param if p is old else p for p in group["params"]]
+    if old in optimizer.state:
+        state = optimizer.state.pop(old)
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == old.shape:
+                grown = torch.zeros_like(new)
+                grown[old_slice] = value
+                state[key] = grown
+        optimizer.state[param] = state
+
+
+@torch.no_grad()
+def grow_rank(layer, new_rows: torch.Tensor, optimizer=None) -> None:
+    """Raise the layer's rank by len(new_rows): A gets `new_rows` (each of length d_in), B gets zero columns."""
+    k = new_rows.shape[0]
+    if k == 0:
+        return
+    r = layer.r[ADAPTER]
+    lora_A, lora_B = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    A, B = lora_A.weight, lora_B.weight
+    new_A = torch.cat([A, new_rows.reshape(k, *A.shape[1:]).to(A)], dim=0)
+    new_B = torch.cat([B, torch.zeros(B.shape[0], k, *B.shape[2:], dtype=B.dtype, device=B.device)], dim=1)
+    _replace_parameter(lora_A, new_A, optimizer, (slice(0, r),))
+    _replace_parameter(lora_B, new_B, optimizer, (slice(None), slice(0, r)))
+    if isinstance(lora_A, nn.Conv2d):
+        lora_A.out_channels, lora_B.in_channels = r + k, r + k
+    else:
+        lora_A.out_features, lora_B.in_features = r + k, r + k
+    # The scale of the existing components stays; alpha follows so that alpha/r (rsLoRA: alpha/sqrt r) still
+    # equals it, and a saved adapter reloads with the same scale.
+    scale = layer.scaling[ADAPTER]
+    layer.r[ADAPTER] = r + k
+    layer.lora_alpha[ADAPTER] = scale * ((r + k) ** 0.5 if layer.use_rslora.get(ADAPTER, False) else r + k)
+
+
+def sync_peft_config(peft_model: nn.Module) -> None:
+    """Write the layers' real ranks and alphas into the PEFT config, so the saved adapter reloads as it is."""
+    config = peft_model.peft_config[ADAPTER]
+    layers = lora_layers(peft_model)
+    config.rank_pattern = {rank_pattern_key(n): int(m.r[ADAPTER]) for n, m in layers.items()}
+    config.alpha_pattern = {rank_pattern_key(n): float(m.lora_alpha[ADAPTER]) for n, m in layers.items()}
+
+
+class GradientCapture:
+    """Forward hooks on the LoRA layers keeping each layer's input and the gradient of its output on one step;
+    from them, the gradient with respect to the layer's full weight, sum_tokens grad_out^T x."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers, self.inputs, self.output_grads, self.handles = layers, {}, {}, []
+
+    def __enter__(self):
+        for name, module in self.layers.items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name):
+        def capture(module, inputs, output):
+            if torch.is_grad_enabled() and output.requires_grad:
+                self.inputs[name] = inputs[0].detach()
+                output.register_hook(lambda g: self.output_grads.__setitem__(name, g.detach()))
+        return capture
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def weight_gradients(self) -> dict[str, torch.Tensor]:
+        grads = {}
+        for name, module in self.layers.items():
+            if name in self.inputs and name in self.output_grads:
+                base = module.get_base_layer()
+                x = layer_inputs_as_rows(base, self.inputs[name]).float()
+                g = self.output_grads[name]
+                g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) if g.dim() == 4 else g.reshape(-1, g.shape[-1])
+                grads[name] = g.float().t() @ x
+        self.inputs, self.output_grads = {}, {}
+        return grads
+
+
+def residual(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """G with the adapter's current subspaces projected out: (I - P_B) G (I - P_A), P_A onto A's row space,
+    P_B onto B's column space (empty while B is still zero)."""
+    def basis(M):
+        if M.numel() == 0 or float(M.abs().max()) == 0.0:
+            return None
+        U, S, _ = torch.linalg.svd(M, full_matrices=False)
+        return U[:, S > S[0] * 1e-6]
+
+    R = G
+    QA = basis(A.t().double())
+    if QA is not None:
+        R = R - (R @ QA) @ QA.t()
+    QB = basis(B.double())
+    if QB is not None:
+        R = R - QB @ (QB.t() @ R)
+    return R
+
+
+class OnlineGrowth:
+    """Every `grow_every` steps (for `events` events), measure on that step, decide, and grow."""
+
+    def __init__(self, layers: list[LayerSpec], p_max: int, curvature: dict[str, float], options, run_dir: str):
+        self.layers, self.p_max, self.options, self.run_dir = layers, p_max, options, run_dir
+        # h_i: the mean diagonal of the Hessian block, Tr(H_i) / (d_out d_in)
+        self.curvature = {l.name: curvature[l.name] / (l.d_out * l.d_in) for l in layers}
+        self.events_left = options.growth_events
+        self.history_path = os.path.join(run_dir, "rank_history.jsonl")
+        self.capture = None
+
+    def due(self, step: int) -> bool:
+        return self.events_left > 0 and step % self.options.grow_every == 0
+
+    def measuring(self, peft_model):
+        self.capture = GradientCapture(lora_layers(peft_model))
+        return self.capture
+
+    def record(self, step: int, ranks: dict[str, int]) -> None:
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps({"step": step, "ranks": ranks}) + "\n")
+
+    def grow(self, step: int, peft_model, optimizer, accelerator) -> dict[str, int]:
+        """One growth event; returns the rank increments (identical in every process)."""
+        from accelerate.utils import broadcast_object_list
+
+        layers = lora_layers(peft_model)
+        grads = self.capture.weight_gradients()
+        self.capture = None
+        ranks = {name: int(m.r[ADAPTER]) for name, m in layers.items()}
+        spent = sum(ranks[l.name] * l.cost for l in self.layers)
+        budget = (self.p_max - spent) // self.events_left
+        self.events_left -= 1
+        decision = [None]
+        benefits, directions = {}, {}
+        for name in sorted(grads):
+            G = accelerator.reduce(grads[name], reduction="mean")  # every process sees the same estimate
+            A, B = factor_matrices(layers[name])
+            _, S, Vh = torch.linalg.svd(residual(G.double(), A.detach(), B.detach()), full_matrices=False)
+            benefits[name] = marginal_benefits(S.cpu().numpy(), self.curvature[name])
+            directions[name] = Vh
+        if accelerator.is_main_process:
+            decision[0] = growth_decision(self.layers, ranks, budget, benefits)
+        broadcast_object_list(decision)  # one decision, taken once, applied everywhere
+        increments = decision[0]
+        for name, k in increments.items():
+            A, _ = factor_matrices(layers[name])
+            row_norm = A.detach().norm(dim=1).mean() if A.shape[0] else 1.0
+            grow_rank(layers[name], directions[name][:k].float() * row_norm, optimizer)
+        if not increments:
+            self.events_left = 0  # no layer has positive benefit left: growth is over
+        if accelerator.is_main_process:
+            self.record(step, {n: int(m.r[ADAPTER]) for n, m in layers.items()})
+        return increments
+
