@@ -23,7 +23,9 @@ def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg) -
         lora_dropout=lora_cfg.dropout,
         use_rslora=lora_cfg.rslora,
         use_dora=lora_cfg.get("dora", False),
-        target_modules=sorted(ranks),
+        # a regex PEFT full-matches against each module name: a plain list would match by suffix, so the
+        # stem `conv1` would also catch every `layerN.M.conv1`
+        target_modules=rf"^({'|'.join(re.escape(name) for name in sorted(ranks))})$",
         rank_pattern={rank_pattern_key(name): r for name, r in ranks.items() if r != default_r},
         modules_to_save=list(head_modules) or None,
     )

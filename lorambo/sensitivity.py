@@ -156,7 +156,7 @@ def data_weighted_approximation(W: torch.Tensor, G: torch.Tensor, r: int) -> tor
 
 
 def weighted_spectra(model, layers, covariances) -> dict[str, np.ndarray]:
-    return {l.name: torch.linalg.svdvals(weight_matrix(model.get_submodule(l.name)).double()
+    return {l.name: torch.linalg.svdvals(weight_matrix(model.get_submodule(l.name)).detach().double()
                                          @ psd_sqrt(covariances[l.name])).numpy() for l in layers}
 
 

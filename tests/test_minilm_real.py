@@ -1,5 +1,7 @@
 """The real offline default: pretrained MiniLM-L6 on the real Rotten Tomatoes snippets learns."""
 
+import pytest
+
 from tests.helpers import run_in_process
 
 
@@ -10,3 +12,15 @@ def test_pretrained_minilm_learns_sentiment(tmp_path):
     assert metrics["model"] == "minilm" and metrics["task"] == "rt_snippets"
     # the validation set is balanced (about 50% each class): chance is 0.5, a constant guess at most ~0.55
     assert metrics["accuracy"] > 0.7, metrics["accuracy"]
+
+
+@pytest.mark.parametrize("allocator", ["frobenius_greedy", "gradient", "hessian_offline", "data_weighted",
+                                       "hessian_online"])
+def test_every_allocator_runs_on_the_real_minilm(allocator, tmp_path):
+    overrides = ["task.max_train_samples=256", "task.max_eval_samples=64", "train.max_steps=6", "budget=r4",
+                 f"allocator={allocator}", "allocator.grow_every=3" if allocator == "hessian_online" else "seed=0"]
+    metrics = run_in_process(overrides, tmp_path / allocator)
+    assert len(metrics["ranks"]) >= 1 and metrics["adapter_params"] <= metrics["p_max"]
+    assert metrics["sensitivity_seconds"] > 0
+    if allocator != "hessian_online":
+        assert metrics["p_max"] - metrics["adapter_params"] < 384 + 1536  # one rank of the costliest layer

@@ -169,3 +169,34 @@ def test_same_seed_repeats_on_cpu(tmp_path):
     log_a = (tmp_path / "a" / "metrics_log.jsonl").read_text().splitlines()[0]
     log_b = (tmp_path / "b" / "metrics_log.jsonl").read_text().splitlines()[0]
     assert json.loads(log_a)["train/loss"] == json.loads(log_b)["train/loss"]
+
+
+ALLOCATORS = ["frobenius_greedy", "gradient", "hessian_offline", "data_weighted", "hessian_online"]
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_allocator_runs_on_every_family(allocator, family, tmp_path, pair_csv):
+    overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "budget=r4", f"allocator={allocator}",
+                 "sensitivity.gradient_batches=2", "sensitivity.hessian_batches=1", "sensitivity.covariance_batches=2"]
+    if allocator == "hessian_online":
+        overrides += ["allocator.grow_every=2", "allocator.growth_events=2"]
+    if "task=local_file" in overrides:
+        overrides.append(f"task.path={pair_csv}")
+    run_dir = tmp_path / "run"
+    metrics = run_in_process(overrides, run_dir)
+    costs = layer_costs(compose_cfg(overrides))
+    assert metrics["adapter_params"] == saved_lora_params(run_dir) == sum(
+        r * costs[n] for n, r in metrics["ranks"].items())
+    assert metrics["adapter_params"] <= metrics["p_max"]
+    assert metrics["sensitivity_seconds"] > 0
+    assert (run_dir / "sensitivities.json").exists() and (run_dir / "ranks.png").exists()
+    if allocator != "hessian_online":  # offline: the budget is spent to within one rank of the costliest layer
+        assert metrics["p_max"] - metrics["adapter_params"] < max(costs.values())
+
+
+def test_allocation_can_be_reused_from_another_run(tmp_path):
+    first = run_in_process(["experiment=smoke", "allocator=hessian_offline"], tmp_path / "first")
+    again = run_in_process(["experiment=smoke", "allocator=uniform", f"+allocator.from_run={tmp_path / 'first'}"],
+                           tmp_path / "again")
+    assert again["ranks"] == first["ranks"] and again["sensitivity_seconds"] == 0

@@ -1,0 +1,186 @@
+"""The allocation rules, without a model: budget, optimality against brute force, the Lagrange conditions."""
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+
+from lorambo.allocators import allocate, required_stats
+from lorambo.allocators.greedy import square_root_ranks
+from lorambo.allocators.hessian_online import growth_decision
+from lorambo.budget import LayerSpec, allocation_cost
+
+OFFLINE = [
+    ("uniform", {}),
+    ("frobenius_greedy", {}),
+    ("frobenius_greedy", {"target": "update"}),
+    ("gradient", {}),
+    ("hessian_offline", {}),
+    ("hessian_offline", {"sensitivity": "hessian_opnorm"}),
+    ("hessian_offline", {"variant": "knapsack"}),
+    ("data_weighted", {}),
+]
+
+
+def random_instance(rng, n_layers, max_dim=64):
+    layers = [LayerSpec(f"l{i}", rng.randint(1, max_dim), rng.randint(1, max_dim)) for i in range(n_layers)]
+    spectrum = lambda l: np.sort(np.abs(np.array([rng.gauss(0, 1) for _ in range(l.max_rank)])))[::-1]
+    positive = lambda: {l.name: rng.lognormvariate(0, 1.5) for l in layers}
+    stats = {"weight_spectra": {l.name: spectrum(l) for l in layers},
+             "update_spectra": {l.name: spectrum(l) for l in layers},
+             "weighted_spectra": {l.name: spectrum(l) for l in layers},
+             "gradient": positive(), "hessian_trace": positive(), "hessian_opnorm": positive()}
+    return layers, stats
+
+
+@pytest.mark.parametrize("name,options", OFFLINE)
+@pytest.mark.parametrize("seed", range(15))
+def test_budget_holds_and_is_spent(name, options, seed):
+    rng = random.Random(seed)
+    layers, stats = random_instance(rng, rng.randint(1, 25))
+    p_max = rng.randint(sum(l.cost for l in layers), sum(l.cost * l.max_rank for l in layers))
+    assert required_stats(name, **options) <= set(stats)
+    ranks = allocate(name, layers, p_max, stats, **options)
+    cost = allocation_cost(ranks, layers)
+    assert cost <= p_max
+    all_full = all(ranks.get(l.name, 0) == l.max_rank for l in layers)
+    if name == "uniform":  # uniform may leave up to one round of sum c_i: it gives everyone the same rank
+        assert p_max - cost < sum(l.cost for l in layers) or all_full
+    else:
+        assert p_max - cost < max(l.cost for l in layers) or all_full
+
+
+def brute_force(layers, p_max, objective, low=0):
+    best, best_value = None, math.inf
+    for combo in itertools.product(*[range(low, l.max_rank + 1) for l in layers]):
+        if sum(r * l.cost for r, l in zip(combo, layers)) <= p_max:
+            value = objective(dict(zip([l.name for l in layers], combo)))
+            if value < best_value:
+                best, best_value = combo, value
+    return best_value
+
+
+def tail_energy(spectra, weights=None):
+    return lambda ranks: sum((1.0 if weights is None else weights[n]) * float(np.sum(spectra[n][ranks[n]:] ** 2))
+                             for n in ranks)
+
+
+def inverse_rank(s):
+    return lambda ranks: sum(s[n] / r if r > 0 else math.inf for n, r in ranks.items())
+
+
+GREEDY_CASES = [  # (allocator, options, objective from stats)
+    ("frobenius_greedy", {}, lambda st: tail_energy(st["weight_spectra"])),
+    ("data_weighted", {}, lambda st: tail_energy(st["weighted_spectra"])),
+    ("hessian_offline", {"variant": "knapsack"}, lambda st: tail_energy(st["weight_spectra"], st["hessian_trace"])),
+    ("gradient", {}, lambda st: inverse_rank(st["gradient"])),
+    ("hessian_offline", {}, lambda st: inverse_rank(st["hessian_trace"])),
+]
+
+
+@pytest.mark.parametrize("name,options,objective", GREEDY_CASES)
+@pytest.mark.parametrize("seed", range(12))
+def test_equal_costs_match_brute_force_exactly(name, options, objective, seed):
+    """With equal costs every rank is the same item size, and greedy on a concave separable objective is exact."""
+    rng = random.Random(100 + seed)
+    d = rng.randint(3, 5)
+    layers = [LayerSpec(f"l{i}", d, d + 1) for i in range(3)]
+    stats = random_instance_for(rng, layers)
+    p_max = rng.randint(3, 3 * d) * layers[0].cost
+    ranks = allocate(name, layers, p_max, stats, **options)
+    full = {l.name: ranks.get(l.name, 0) for l in layers}
+    assert objective(stats)(full) == pytest.approx(brute_force(layers, p_max, objective(stats)), rel=1e-12)
+
+
+@pytest.mark.parametrize("name,options,objective", GREEDY_CASES)
+@pytest.mark.parametrize("seed", range(12))
+def test_unequal_costs_are_optimal_up_to_the_last_item(name, options, objective, seed):
+    """With unequal costs greedy may miss the exact optimum, but never does worse than the best allocation of
+    P_max - max_i c_i (what 'optimal up to the last item' means), and never better than the optimum at P_max."""
+    rng = random.Random(200 + seed)
+    layers = [LayerSpec(f"l{i}", rng.randint(2, 5), rng.randint(2, 9)) for i in range(3)]
+    stats = random_instance_for(rng, layers)
+    p_max = rng.randint(sum(l.cost for l in layers), sum(l.cost * l.max_rank for l in layers))
+    ranks = allocate(name, layers, p_max, stats, **options)
+    value = objective(stats)({l.name: ranks.get(l.name, 0) for l in layers})
+    assert value >= brute_force(layers, p_max, objective(stats)) - 1e-9
+    assert value <= brute_force(layers, p_max - max(l.cost for l in layers), objective(stats)) + 1e-9
+
+
+def random_instance_for(rng, layers):
+    spectrum = lambda l: np.sort(np.abs(np.array([rng.gauss(0, 1) for _ in range(l.max_rank)])))[::-1]
+    return {"weight_spectra": {l.name: spectrum(l) for l in layers},
+            "weighted_spectra": {l.name: spectrum(l) for l in layers},
+            "gradient": {l.name: rng.lognormvariate(0, 1) for l in layers},
+            "hessian_trace": {l.name: rng.lognormvariate(0, 1) for l in layers}}
+
+
+def test_square_root_solution_satisfies_the_lagrange_conditions():
+    rng = random.Random(7)
+    layers = [LayerSpec(f"l{i}", rng.randint(10, 500), rng.randint(10, 500)) for i in range(12)]
+    s = {l.name: rng.lognormvariate(0, 2) for l in layers}
+    p_max = 123_456.0
+    r = square_root_ranks(layers, p_max, s)
+    # d/dr_i [sum s/r + lambda (sum r c - P)] = 0  =>  s_i / (r_i^2 c_i) = lambda, the same for every layer
+    multipliers = [s[l.name] / (r[l.name] ** 2 * l.cost) for l in layers]
+    assert max(multipliers) == pytest.approx(min(multipliers), rel=1e-9)
+    assert sum(r[l.name] * l.cost for l in layers) == pytest.approx(p_max, rel=1e-12)
+
+
+def test_ranks_rise_with_sensitivity_and_fall_with_cost():
+    same_cost = [LayerSpec(f"s{i}", 300, 300) for i in range(5)]
+    s = {l.name: float(i + 1) for i, l in enumerate(same_cost)}
+    continuous = square_root_ranks(same_cost, 20_000, s)
+    integer = allocate("hessian_offline", same_cost, 20_000, {"hessian_trace": s})
+    names = [l.name for l in same_cost]
+    assert all(continuous[a] < continuous[b] for a, b in zip(names, names[1:]))
+    assert all(integer[a] <= integer[b] for a, b in zip(names, names[1:])) and integer[names[0]] < integer[names[-1]]
+
+    costly = [LayerSpec(f"c{i}", 100 * (i + 1), 100 * (i + 1)) for i in range(5)]
+    s = {l.name: 1.0 for l in costly}
+    continuous = square_root_ranks(costly, 20_000, s)
+    integer = allocate("gradient", costly, 20_000, {"gradient": s})
+    names = [l.name for l in costly]
+    assert all(continuous[a] > continuous[b] for a, b in zip(names, names[1:]))
+    assert all(integer[a] >= integer[b] for a, b in zip(names, names[1:])) and integer[names[0]] > integer[names[-1]]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_online_growth_never_passes_its_budget_and_takes_only_positive_benefit(seed):
+    rng = random.Random(seed)
+    layers, _ = random_instance(rng, rng.randint(1, 15))
+    ranks = {l.name: rng.randint(1, l.max_rank) for l in layers}
+    budget = rng.randint(0, 5 * max(l.cost for l in layers))
+    benefits = {l.name: np.sort(np.array([rng.uniform(-1, 1) for _ in range(l.max_rank - ranks[l.name])]))[::-1]
+                for l in layers}
+    increments = growth_decision(layers, ranks, budget, benefits)
+    by_name = {l.name: l for l in layers}
+    assert sum(k * by_name[n].cost for n, k in increments.items()) <= budget
+    for name, k in increments.items():
+        assert ranks[name] + k <= by_name[name].max_rank
+        assert np.all(benefits[name][:k] > 0)
+
+
+def test_online_start_offline_fits_and_respects_the_floor():
+    rng = random.Random(3)
+    layers, stats = random_instance(rng, 10)
+    p_max = 4 * sum(l.cost for l in layers)
+    ranks = allocate("hessian_online", layers, p_max, stats, start="offline", offline_fraction=0.5, start_rank=1)
+    assert all(ranks[l.name] >= 1 for l in layers)
+    assert allocation_cost(ranks, layers) <= p_max
+    small = allocate("hessian_online", layers, p_max, stats, start="small", start_rank=2)
+    assert all(small[l.name] == min(2, l.max_rank) for l in layers)
+
+
+def test_allocation_of_1000_layers_is_fast():
+    import time
+
+    rng = random.Random(0)
+    layers, stats = random_instance(rng, 1000, max_dim=256)
+    p_max = 8 * sum(l.cost for l in layers)
+    for name, options in OFFLINE:
+        start = time.perf_counter()
+        allocate(name, layers, p_max, stats, **options)
+        assert time.perf_counter() - start < 5.0, name  # generous: a correctness bound, not a benchmark

@@ -1,0 +1,159 @@
+"""Online growth of real LoRA tensors: function unchanged, optimizer state carried, budget kept, and the same
+decision in every process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import lorambo  # noqa: F401
+from lorambo.adapters import adapter_ranks, wrap_lora
+from lorambo.growth import GradientCapture, factor_matrices, grow_rank, lora_layers, residual, sync_peft_config
+from tests.helpers import run_in_process
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc1 = nn.Linear(64, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+LORA = OmegaConf.create({"alpha": 8, "dropout": 0.0, "rslora": False})
+
+
+def trained_tiny(steps=5, rslora=False):
+    torch.manual_seed(0)
+    cfg = OmegaConf.merge(LORA, {"rslora": rslora})
+    model = wrap_lora(Tiny(), {"conv": 2, "fc1": 3, "fc2": 1}, [], cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    for _ in range(steps):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer, x, y
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_growth_keeps_the_function_and_the_optimizer_state(rslora):
+    model, optimizer, x, y = trained_tiny(rslora=rslora)
+    model.eval()
+    before = model(x).detach()
+    layers = lora_layers(model)
+    old_state = {name: {k: v.clone() for k, v in optimizer.state[m.lora_A["default"].weight].items()}
+                 for name, m in layers.items()}
+    old_scaling = {name: m.scaling["default"] for name, m in layers.items()}
+    for name, layer in layers.items():
+        A, _ = factor_matrices(layer)
+        grow_rank(layer, torch.randn(2, A.shape[1]), optimizer)
+    assert adapter_ranks(model) == {"conv": 4, "fc1": 5, "fc2": 3}
+    assert torch.allclose(model(x), before, atol=1e-6)  # new B columns are zero: same function
+    for name, layer in layers.items():
+        assert layer.scaling["default"] == old_scaling[name]
+        state = optimizer.state[layer.lora_A["default"].weight]
+        r = old_state[name]["exp_avg"].shape[0]
+        assert torch.equal(state["exp_avg"][:r], old_state[name]["exp_avg"])
+        assert torch.equal(state["exp_avg_sq"][:r], old_state[name]["exp_avg_sq"])
+        assert state["exp_avg"][r:].abs().sum() == 0 and state["exp_avg_sq"][r:].abs().sum() == 0
+        assert torch.equal(state["step"], old_state[name]["step"])
+        # the optimizer trains the new tensors, not the old ones
+        assert any(p is layer.lora_B["default"].weight for g in optimizer.param_groups for p in g["params"])
+
+    model.train()
+    losses = []
+    for _ in range(5):  # training continues, and reaches the new components
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for layer in layers.values():
+        _, B = factor_matrices(layer)
+        assert B[:, -2:].abs().sum() > 0
+
+
+def test_grown_adapter_saves_and_reloads_with_the_same_function(tmp_path):
+    from peft import PeftModel
+
+    model, optimizer, x, _ = trained_tiny()
+    for layer in lora_layers(model).values():
+        A, _ = factor_matrices(layer)
+        grow_rank(layer, torch.randn(3, A.shape[1]), optimizer)
+    for _ in range(3):  # make the new components matter
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    expected = model(x).detach()
+    sync_peft_config(model)
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    reloaded = PeftModel.from_pretrained(Tiny(), str(tmp_path / "adapter")).eval()
+    assert adapter_ranks(reloaded) == adapter_ranks(model)
+    assert torch.allclose(reloaded(x), expected, atol=1e-6)
+
+
+def test_captured_gradient_is_the_full_weight_gradient():
+    model, _, x, y = trained_tiny()
+    layers = lora_layers(model)
+    with GradientCapture(layers) as capture:
+        nn.functional.cross_entropy(model(x), y).backward()
+    grads = capture.weight_gradients()
+    for name, layer in layers.items():  # reference: autograd on the base weight itself
+        base = layer.get_base_layer()
+        model.zero_grad()
+        base.weight.requires_grad_(True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        expected = base.weight.grad.reshape(base.weight.shape[0], -1)
+        base.weight.requires_grad_(False)
+        assert torch.allclose(grads[name], expected, atol=1e-5), name
+
+
+def test_residual_is_orthogonal_to_the_adapter_subspaces():
+    torch.manual_seed(1)
+    G, A, B = torch.randn(7, 9, dtype=torch.float64), torch.randn(2, 9), torch.randn(7, 2)
+    R = residual(G, A, B)
+    assert torch.allclose(R @ A.double().t(), torch.zeros(7, 2, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(B.double().t() @ R, torch.zeros(2, 9, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(residual(G, A, torch.zeros(7, 2)) @ A.double().t(), torch.zeros(7, 2, dtype=torch.float64),
+                          atol=1e-10)
+
+
+def test_online_run_grows_within_budget_and_logs_history(tmp_path):
+    metrics = run_in_process(["experiment=smoke", "allocator=hessian_online", "allocator.grow_every=4",
+                              "allocator.growth_events=3"], tmp_path / "online")
+    history = [json.loads(line) for line in (tmp_path / "online" / "rank_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history][:4] == [0, 4, 8, 12]
+    assert all(r == 1 for r in history[0]["ranks"].values())
+    assert sum(history[-1]["ranks"].values()) > sum(history[0]["ranks"].values())  # it grew
+    assert metrics["adapter_params"] <= metrics["p_max"]
+    assert history[-1]["ranks"] == metrics["ranks"]
+    assert (tmp_path / "online" / "rank_history.png").stat().st_size > 0
+
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_growth_worker.py")
+
+
+def test_two_processes_take_identical_growth_decisions(tmp_path):
+    """torchrun, two CPU processes on gloo, each measuring on different data: same ranks, same new tensors."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(WORKER))}
+    result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", WORKER, str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert outcomes[0]["data_differs"]
+    assert outcomes[0]["ranks"] == outcomes[1]["ranks"] and outcomes[0]["increments"]
+    for name in outcomes[0]["A"]:
+        assert torch.equal(outcomes[0]["A"][name], outcomes[1]["A"][name])

@@ -1,0 +1,121 @@
+"""Sensitivity estimators against exact float64 references on small models."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lorambo.budget import LayerSpec
+from lorambo.sensitivity import (activation_covariances, data_weighted_approximation, gradient_sensitivity,
+                                 hessian_operator_norm, hutchinson_trace, psd_sqrt)
+
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def small_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    layers = [LayerSpec("0", 5, 4), LayerSpec("2", 3, 5)]
+    loss_fn = lambda m, batch: nn.functional.cross_entropy(m(batch["x"]), batch["y"])
+    return model, layers, [{"x": x, "y": y}], loss_fn
+
+
+def exact_block_hessians(model, layers, batch, loss_fn):
+    """The full Hessian block of each weight, by autograd.functional.hessian on the flattened weight."""
+    blocks = {}
+    for layer in layers:
+        module = model.get_submodule(layer.name)
+        w0 = module.weight.detach().clone()
+
+        def loss_of(flat):
+            params = {f"{layer.name}.weight": flat.reshape(w0.shape)}
+            return loss_fn(lambda x: torch.func.functional_call(model, params, (x,)), batch)
+
+        blocks[layer.name] = torch.autograd.functional.hessian(loss_of, w0.reshape(-1))
+    return blocks
+
+
+def test_hutchinson_matches_exact_trace_within_sampling_error():
+    model, layers, batches, loss_fn = small_problem()
+    exact = exact_block_hessians(model, layers, batches[0], loss_fn)
+    probes = 4000
+    estimate = hutchinson_trace(model, layers, batches, loss_fn, probes=probes, seed=1)
+    for name, H in exact.items():
+        # Rademacher probes: Var[v^T H v] = 2 (||H||_F^2 - sum_j H_jj^2)
+        sd = math.sqrt(2 * (H.pow(2).sum() - H.diagonal().pow(2).sum()).item() / probes)
+        assert abs(estimate[name] - H.trace().item()) < 4 * sd + 1e-12, (name, estimate[name], H.trace().item())
+
+
+def test_power_iteration_matches_exact_operator_norm():
+    model, layers, batches, loss_fn = small_problem(1)
+    exact = exact_block_hessians(model, layers, batches[0], loss_fn)
+    estimate = hessian_operator_norm(model, layers, batches, loss_fn, iterations=200)
+    for name, H in exact.items():
+        assert estimate[name] == pytest.approx(torch.linalg.eigvalsh(H).abs().max().item(), rel=1e-3)
+
+
+def test_gradient_sensitivity_is_mean_squared_gradient_norm():
+    model, layers, batches, loss_fn = small_problem(2)
+    batches = batches * 2 + [{"x": torch.randn(8, 4), "y": torch.randint(0, 3, (8,))}]
+    s, total = gradient_sensitivity(model, layers, batches, loss_fn)
+    for layer in layers:
+        grads = []
+        for batch in batches:
+            model.zero_grad()
+            loss_fn(model, batch).backward()
+            grads.append(model.get_submodule(layer.name).weight.grad.clone())
+        assert s[layer.name] == pytest.approx(sum(g.pow(2).sum().item() for g in grads) / len(grads), rel=1e-10)
+        assert torch.allclose(total[layer.name], sum(grads))
+
+
+def test_activation_covariance_of_linear_and_conv_inputs():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    layers = [LayerSpec("0", 3, 2 * 9, "conv2d"), LayerSpec("2", 2, 48)]
+    x = torch.randn(5, 2, 4, 4)
+    G = activation_covariances(model, layers, [{"x": x}], lambda m, b: m(b["x"]))
+    flat = model[1](model[0](x))
+    assert torch.allclose(G["2"], flat.t() @ flat / 5)
+    # conv: rows are the zero-padded 3x3 patches, one per output position
+    padded = nn.functional.pad(x, (1, 1, 1, 1))
+    rows = torch.stack([padded[n, :, i:i + 3, j:j + 3].reshape(-1)
+                        for n in range(5) for i in range(4) for j in range(4)])
+    assert torch.allclose(G["0"], rows.t() @ rows / len(rows))
+
+
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_data_weighted_approximation_matches_weighted_least_squares(rank_deficient):
+    """The closed form trunc_r(W G^1/2) G^+1/2 against a direct solution: alternating least squares on
+    min_{A,B} ||(W - A B) G^{1/2}||_F^2, from many random starts."""
+    torch.manual_seed(4)
+    W = torch.randn(6, 5)
+    L = torch.randn(5, 3 if rank_deficient else 5)
+    G = L @ L.t() / L.shape[1]
+    root = psd_sqrt(G)
+    r = 2
+    X = data_weighted_approximation(W, G, r)
+    error = lambda M: ((W - M) @ root).pow(2).sum().item()
+    assert torch.linalg.matrix_rank(X) <= r
+    spectrum = torch.linalg.svdvals(W @ root)
+    assert error(X) == pytest.approx(spectrum[r:].pow(2).sum().item(), rel=1e-9, abs=1e-12)
+
+    best = math.inf
+    for start in range(5):
+        torch.manual_seed(10 + start)
+        B = torch.randn(r, 5)
+        for _ in range(300):
+            # A-step: min_A ||(W - A B) S||, S = G^1/2: A = W S (B S)^+ ; B-step: min_B ||W S - A (B S)||
+            A = W @ root @ torch.linalg.pinv(B @ root)
+            B = torch.linalg.pinv(A) @ W @ root @ psd_sqrt(G, inverse=True)
+        best = min(best, error(A @ B))
+    assert error(X) <= best + 1e-8
+    assert best == pytest.approx(error(X), rel=1e-6, abs=1e-10)
