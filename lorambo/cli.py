@@ -57,7 +57,13 @@ def _main(cfg: DictConfig) -> float | None:
         fail(message)
         _failures.append(run_dir)
         return None
+    except Exception as e:  # a bug: Hydra reports it with its traceback; the run folder says it failed
+        with open(os.path.join(run_dir, "error.txt"), "w") as f:
+            f.write(f"{type(e).__name__}: {e}\n")
+        raise
     main_metric = cfg.task.main_metric
+    if int(os.environ.get("RANK", "0")) != 0:  # multi-process: the main process reports
+        return metrics[main_metric]
     print(f"{main_metric}={metrics[main_metric]:.4f} adapter_params={metrics['adapter_params']:,} "
           f"train_seconds={metrics['train_seconds']:.1f}")
     print(f"results: {os.path.join(run_dir, 'metrics.json')}")

@@ -198,6 +198,8 @@ def run(cfg, run_dir: str) -> dict:
                     loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg)
                 if measuring and growth.grow(step + 1, accelerator.unwrap_model(model), optimizer, accelerator):
                     trainable = [p for p in model.parameters() if p.requires_grad]
+                    accelerator.log({f"rank/{n}": r for n, r in adapter_ranks(accelerator.unwrap_model(model)).items()},
+                                    step=step + 1)
                     if accelerator.num_processes > 1:  # DDP's buckets hold the old tensors: wrap anew
                         model = accelerator.prepare_model(accelerator.unwrap_model(model))
                 interval_loss = interval_loss + loss.detach()  # stays on device: no host sync per step

@@ -184,3 +184,13 @@ def test_allocation_of_1000_layers_is_fast():
         start = time.perf_counter()
         allocate(name, layers, p_max, stats, **options)
         assert time.perf_counter() - start < 5.0, name  # generous: a correctness bound, not a benchmark
+
+
+def test_every_allocator_ignores_settings_meant_for_others():
+    """A sweep may set one allocator's option for all (e.g. ++allocator.grow_every=25): none may choke on it."""
+    from lorambo.allocators import ALLOCATORS
+
+    layers, stats = random_instance(random.Random(5), 6)
+    for name in ALLOCATORS:
+        ranks = allocate(name, layers, 3 * sum(l.cost for l in layers), stats, grow_every=25, unrelated="x")
+        assert ranks

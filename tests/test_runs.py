@@ -197,6 +197,6 @@ def test_every_allocator_runs_on_every_family(allocator, family, tmp_path, pair_
 
 def test_allocation_can_be_reused_from_another_run(tmp_path):
     first = run_in_process(["experiment=smoke", "allocator=hessian_offline"], tmp_path / "first")
-    again = run_in_process(["experiment=smoke", "allocator=uniform", f"+allocator.from_run={tmp_path / 'first'}"],
+    again = run_in_process(["experiment=smoke", "allocator=uniform", f"allocator.from_run={tmp_path / 'first'}"],
                            tmp_path / "again")
     assert again["ranks"] == first["ranks"] and again["sensitivity_seconds"] == 0

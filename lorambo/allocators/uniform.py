@@ -12,7 +12,7 @@ def uniform_cost(layers: list[LayerSpec], r: int) -> int:
 
 
 @register("uniform")
-def uniform_ranks(layers: list[LayerSpec], p_max: int, stats: dict) -> dict[str, int]:
+def uniform_ranks(layers: list[LayerSpec], p_max: int, stats: dict, **_) -> dict[str, int]:
     total_cost = sum(layer.cost for layer in layers)
     r = p_max // total_cost
     if r < 1:
