@@ -11,7 +11,7 @@ import lorambo  # noqa: F401  (torchvision fix before anything imports it)
 from lorambo.config import CONF_DIR
 from lorambo.errors import LoramboError
 
-CONFIG_GROUPS = ("model", "task", "allocator", "budget", "logger", "experiment")
+CONFIG_GROUPS = ("model", "task", "allocator", "budget", "logger", "optimizer", "experiment")
 _failures = []
 
 

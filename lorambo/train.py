@@ -165,7 +165,8 @@ def run(cfg, run_dir: str) -> dict:
         raise LoramboError(f"training split has {len(data.train)} examples, fewer than one batch; "
                            f"lower train.batch_size (now {cfg.train.batch_size})")
     steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(train_loader) // cfg.train.grad_accum)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(cfg, model, layers, trainable, full_ft)
+    projection_ranks = ProjectionRanks(optimizer, model, layers, run_dir) if cfg.optimizer.name != "adamw" else None
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
@@ -208,6 +209,8 @@ def run(cfg, run_dir: str) -> dict:
                     continue
                 step += 1
                 step_times.append(time.perf_counter() - t_step)
+                if projection_ranks is not None:
+                    projection_ranks.update(step, record=step % cfg.train.log_every == 0 or step == steps)
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == steps:
                     mean_loss = float(interval_loss) / interval_batches
@@ -255,11 +258,19 @@ def run(cfg, run_dir: str) -> dict:
         "lr": cfg.train.lr,
         "ranks": {} if full_ft else adapter_ranks(unwrapped),
     }
+    if projection_ranks is not None:  # paper 003's effective rank: each layer's projection rank averaged over steps
+        metrics["projection_ranks"] = projection_ranks.time_averaged()
+        metrics["effective_rank"] = statistics.mean(metrics["projection_ranks"].values())
     if accelerator.is_main_process:
         if not full_ft:
             sync_peft_config(unwrapped)  # online growth changed ranks: the saved config must say so
             plot_ranks(metrics["ranks"], [l.name for l in layers], os.path.join(run_dir, "ranks.png"),
                        f"{cfg.allocator.name}: {metrics['adapter_params']:,} adapter parameters")
+        if projection_ranks is not None:
+            with open(projection_ranks.history_path) as f:
+                history = [json.loads(line) for line in f]
+            plot_rank_history(history, [l.name for l in layers], os.path.join(run_dir, "rank_history.png"),
+                              f"{cfg.optimizer.name}: projection rank of every layer over training")
         if growth is not None:
             growth.record(step, metrics["ranks"])
             with open(growth.history_path) as f:
@@ -275,6 +286,49 @@ def run(cfg, run_dir: str) -> dict:
         write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)  # last: its presence means complete
     accelerator.end_training()
     return metrics
+
+
+def build_optimizer(cfg, model, layers, trainable, full_ft: bool):
+    """AdamW, or GaLore / AdaRankGrad for full-parameter training: the adaptable layers' weights get low-rank
+    gradient projection, every other trainable parameter plain AdamW."""
+    name, lr, wd = cfg.optimizer.name, cfg.train.lr, cfg.train.weight_decay
+    if name == "adamw":
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=wd)
+    if not full_ft:
+        raise LoramboError(f"optimizer={name} trains all weights with low-rank gradients; use allocator=full_ft "
+                           f"(or optimizer=adamw with a LoRA allocator)")
+    from lorambo.optimizers import AdaRankGrad, GaLore
+
+    matrices = {id(model.get_submodule(l.name).weight) for l in layers}
+    groups = [{"params": [p for p in trainable if id(p) in matrices], "low_rank": True},
+              {"params": [p for p in trainable if id(p) not in matrices]}]
+    options = {k: v for k, v in OmegaConf.to_container(cfg.optimizer, resolve=True).items() if k != "name"}
+    cls = {"galore": GaLore, "adarankgrad": AdaRankGrad}[name]
+    return cls(groups, lr=lr, weight_decay=wd, **options)
+
+
+class ProjectionRanks:
+    """The rank of every layer's gradient projection over training: summed every step (for the time
+    average), written to rank_history.jsonl at log steps."""
+
+    def __init__(self, optimizer, model, layers, run_dir):
+        self.optimizer = optimizer
+        self.names = {id(model.get_submodule(l.name).weight): l.name for l in layers}
+        self.sums, self.count = {}, 0
+        self.history_path = os.path.join(run_dir, "rank_history.jsonl")
+
+    def update(self, step: int, record: bool) -> None:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        ranks = {self.names[i]: r for i, r in inner.projection_ranks().items() if i in self.names}
+        for name, r in ranks.items():
+            self.sums[name] = self.sums.get(name, 0) + r
+        self.count += 1
+        if record:
+            with open(self.history_path, "a") as f:
+                f.write(json.dumps({"step": step, "ranks": ranks}) + "\n")
+
+    def time_averaged(self) -> dict[str, float]:
+        return {name: total / self.count for name, total in self.sums.items()}
 
 
 def allocator_options(allocator_cfg) -> dict:

@@ -54,6 +54,8 @@ BAD_INPUTS = {
     "budget above full rank": ([*SMOKE, "budget=6M"], "exceeds full rank"),
     "missing data file": ([*SMOKE, "task=local_file", "task.path=/nonexistent/train.csv"], "data file not found"),
     "LM task on a classifier": ([*SMOKE, "task=wiki_summaries"], "does not fit model"),
+    "low-rank optimizer on an adapter": ([*SMOKE, "optimizer=galore"], "use allocator=full_ft"),
+    "unknown optimizer": ([*SMOKE, "optimizer=sgd9"], "unknown optimizer 'sgd9'"),
     "NaN loss": ([*SMOKE, "train.lr=1e30", "train.warmup_ratio=0"], "loss became"),
 }
 

@@ -200,3 +200,19 @@ def test_allocation_can_be_reused_from_another_run(tmp_path):
     again = run_in_process(["experiment=smoke", "allocator=uniform", f"allocator.from_run={tmp_path / 'first'}"],
                            tmp_path / "again")
     assert again["ranks"] == first["ranks"] and again["sensitivity_seconds"] == 0
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "adarankgrad"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_low_rank_optimizers_train_every_family(optimizer, family, tmp_path, pair_csv):
+    overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "allocator=full_ft", f"optimizer={optimizer}",
+                 "optimizer.rank=2"]
+    if "task=local_file" in overrides:
+        overrides.append(f"task.path={pair_csv}")
+    metrics = run_in_process(overrides, tmp_path / optimizer)
+    adamw = run_in_process([o for o in overrides if not o.startswith("optimizer")], tmp_path / "adamw")
+    assert metrics["trainable_params"] == adamw["trainable_params"]
+    assert metrics["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
+    assert 1 <= metrics["effective_rank"] <= 2
+    assert set(metrics["projection_ranks"]) == set(layer_costs(compose_cfg(overrides)))
+    assert (tmp_path / optimizer / "rank_history.png").exists()

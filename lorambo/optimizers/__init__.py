@@ -1,0 +1,1 @@
+from lorambo.optimizers.low_rank import AdaRankGrad, GaLore  # noqa: F401
