@@ -13,7 +13,7 @@ def rank_pattern_key(module_name: str) -> str:
     return rf"^{re.escape(module_name)}$"
 
 
-def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg) -> nn.Module:
+def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg, use_dora: bool = False) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     default_r = max(ranks.values())
@@ -22,7 +22,7 @@ def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg) -
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         use_rslora=lora_cfg.rslora,
-        use_dora=lora_cfg.get("dora", False),
+        use_dora=use_dora,
         # a regex PEFT full-matches against each module name: a plain list would match by suffix, so the
         # stem `conv1` would also catch every `layerN.M.conv1`
         target_modules=rf"^({'|'.join(re.escape(name) for name in sorted(ranks))})$",
@@ -59,6 +59,51 @@ def adapter_parameter_count(peft_model: nn.Module) -> int:
                if p.requires_grad and ("lora_" in n) and "modules_to_save" not in n)
 
 
-def expected_parameter_count(ranks: dict[str, int], layers: list[LayerSpec]) -> int:
+def expected_parameter_count(ranks: dict[str, int], layers: list[LayerSpec], dora: bool = False) -> int:
+    """sum_i r_i c_i, plus DoRA's magnitude vector (d_out per adapted layer)."""
     by_name = {layer.name: layer for layer in layers}
-    return sum(r * by_name[n].cost for n, r in ranks.items())
+    return sum(r * by_name[n].cost + (by_name[n].d_out if dora else 0) for n, r in ranks.items())
+
+
+def adalora_target_rank(layers: list[LayerSpec], p_max: int) -> int:
+    """AdaLoRA keeps target_r ranks per layer on average, each costing d_out + d_in + 1 (A row, B column,
+    singular value): the largest target_r whose uniform cost fits P_max."""
+    return p_max // sum(layer.cost + 1 for layer in layers)
+
+
+def wrap_adalora(model: nn.Module, layers: list[LayerSpec], p_max: int, head_modules, lora_cfg, options,
+                 total_steps: int) -> nn.Module:
+    """PEFT's AdaLoRA on the same layers: budget mapped to target_r, starting from init_r_ratio x target_r;
+    the pruning schedule (tinit, tfinal) as fractions of the run."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    from lorambo.errors import LoramboError
+
+    if any(layer.kind == "conv2d" for layer in layers):
+        # measured: on tiny_resnet PEFT's AdaLoRA kept 20 of its 51-rank budget, pruning every bottleneck conv
+        raise LoramboError("allocator=adalora does not support convolutions (PEFT's AdaLoRA prunes them below "
+                           "its budget); use allocator=dora or a LoRAMBo allocator for this model")
+    target_r = adalora_target_rank(layers, p_max)
+    if target_r < 1:
+        raise LoramboError(f"budget P_max={p_max:,} is below AdaLoRA's target rank 1 "
+                           f"({sum(l.cost + 1 for l in layers):,} params); choose a larger budget")
+    tinit, tfinal = int(options.tinit_fraction * total_steps), int(options.tfinal_fraction * total_steps)
+    if total_steps - tinit - tfinal < 1:
+        tinit, tfinal = 0, 0
+    config = AdaLoraConfig(
+        init_r=max(target_r, round(options.init_r_ratio * target_r)), target_r=target_r, tinit=tinit,
+        tfinal=tfinal, deltaT=options.delta_t, orth_reg_weight=options.orth_reg_weight, total_step=total_steps,
+        lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=rf"^({'|'.join(re.escape(l.name) for l in layers)})$",
+        modules_to_save=list(head_modules) or None,
+    )
+    return get_peft_model(model, config)
+
+
+def adalora_effective_ranks(peft_model: nn.Module) -> dict[str, int]:
+    """Ranks AdaLoRA kept (its rank pattern's True entries; before any pruning, the full init_r)."""
+    pattern = peft_model.peft_config["default"].rank_pattern
+    if not pattern:
+        return adapter_ranks(peft_model)
+    return {_base_name(key.removesuffix(".default").removesuffix(".lora_E")): int(sum(mask))
+            for key, mask in pattern.items()}

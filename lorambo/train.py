@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lorambo.adapters import adapter_parameter_count, adapter_ranks, expected_parameter_count, wrap_lora
+from lorambo.adapters import (adalora_effective_ranks, adapter_parameter_count, adapter_ranks,
+                              expected_parameter_count, wrap_adalora, wrap_lora)
 from lorambo.allocators import allocate, required_stats
 from lorambo.budget import resolve_p_max
 from lorambo.data import load_task
@@ -78,8 +79,9 @@ def evaluate_all(model, eval_loaders, task_cfg, accelerator) -> dict[str, float]
     return results
 
 
-def train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg):
-    """One micro-batch: forward, backward, and (when gradients are in sync) clip, step and zero."""
+def train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg, after_optimizer_step=None, step=0):
+    """One micro-batch: forward, backward, and (when gradients are in sync) clip, step and zero.
+    `after_optimizer_step(model, step)` runs between the optimizer step and zero_grad (AdaLoRA's budget update)."""
     with accelerator.accumulate(model):
         loss, _ = forward(model, batch, cfg.task.type)
         accelerator.backward(loss)
@@ -87,8 +89,16 @@ def train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg):
             accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        if after_optimizer_step is not None and accelerator.sync_gradients:
+            after_optimizer_step(model, step)
         optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def adalora_update(model, step: int) -> None:
+    from accelerate.utils import extract_model_from_parallel
+
+    extract_model_from_parallel(model).base_model.update_and_allocate(step)
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -121,12 +131,21 @@ def run(cfg, run_dir: str) -> dict:
         save_base_model(model, cfg.model, run_dir)  # a config-built base is random: keep it for reloading
     layers = adaptable_layers(model, cfg.model.target_modules)
     head = head_parameters(model, cfg.model.head_modules)
+    batches_per_epoch = len(data.train) // cfg.train.batch_size // accelerator.num_processes
+    if batches_per_epoch == 0:
+        raise LoramboError(f"training split has {len(data.train)} examples, fewer than one batch per process; "
+                           f"lower train.batch_size (now {cfg.train.batch_size})")
+    steps = cfg.train.max_steps or max(1, cfg.train.epochs * batches_per_epoch // cfg.train.grad_accum)
     full_ft = cfg.allocator.adapter == "none"
+    adalora = cfg.allocator.adapter == "adalora"
     stats, sensitivity_seconds, growth = {}, 0.0, None
     if full_ft:
         p_max, ranks = None, {}
         for p in model.parameters():
             p.requires_grad_(True)
+    elif adalora:  # PEFT's own allocator: starts above the budget and prunes to it during training
+        p_max = resolve_p_max(cfg.budget, layers)
+        model = wrap_adalora(model, layers, p_max, cfg.model.head_modules, cfg.lora, cfg.allocator, steps)
     else:
         p_max = resolve_p_max(cfg.budget, layers)
         options = allocator_options(cfg.allocator)
@@ -143,8 +162,9 @@ def run(cfg, run_dir: str) -> dict:
                 if accelerator.is_main_process:
                     write_json_atomic(os.path.join(run_dir, "sensitivities.json"), sensitivity_summary(stats))
             ranks = allocate(cfg.allocator.name, layers, p_max, stats, **options)
-        model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora)
-        if adapter_parameter_count(model) != expected_parameter_count(ranks, layers):
+        use_dora = bool(cfg.allocator.get("dora", False))
+        model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora, use_dora)
+        if adapter_parameter_count(model) != expected_parameter_count(ranks, layers, use_dora):
             raise RuntimeError("adapter tensors do not hold sum r_i c_i parameters")
         if accelerator.is_main_process:
             write_json_atomic(os.path.join(run_dir, "allocation.json"),
@@ -161,10 +181,6 @@ def run(cfg, run_dir: str) -> dict:
                               collate_fn=data.collate_fn, generator=generator)
     eval_loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=data.collate_fn)
                     for name, ds in data.evals.items()}
-    if len(train_loader) == 0:
-        raise LoramboError(f"training split has {len(data.train)} examples, fewer than one batch; "
-                           f"lower train.batch_size (now {cfg.train.batch_size})")
-    steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(train_loader) // cfg.train.grad_accum)
     optimizer = build_optimizer(cfg, model, layers, trainable, full_ft)
     projection_ranks = ProjectionRanks(optimizer, model, layers, run_dir) if cfg.optimizer.name != "adamw" else None
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
@@ -196,7 +212,8 @@ def run(cfg, run_dir: str) -> dict:
                 t_step = time.perf_counter()
                 measuring = growth is not None and accelerator.sync_gradients and growth.due(step + 1)
                 with growth.measuring(accelerator.unwrap_model(model)) if measuring else nullcontext():
-                    loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg)
+                    loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg,
+                                      after_optimizer_step=adalora_update if adalora else None, step=step + 1)
                 if measuring and growth.grow(step + 1, accelerator.unwrap_model(model), optimizer, accelerator):
                     trainable = [p for p in model.parameters() if p.requires_grad]
                     accelerator.log({f"rank/{n}": r for n, r in adapter_ranks(accelerator.unwrap_model(model)).items()},
@@ -237,7 +254,13 @@ def run(cfg, run_dir: str) -> dict:
     results = evaluate_all(model, eval_loaders, cfg.task, accelerator)
     eval_seconds = time.perf_counter() - t_eval
     unwrapped = accelerator.unwrap_model(model)
-    adapter_params = 0 if full_ft else adapter_parameter_count(unwrapped)
+    if adalora:  # AdaLoRA masks rather than shrinks: count what its final rank pattern keeps
+        final_ranks = {n: r for n, r in adalora_effective_ranks(unwrapped).items() if r > 0}
+        cost = {l.name: l.cost + 1 for l in layers}  # A row, B column and one singular value per rank
+        adapter_params = sum(r * cost[n] for n, r in final_ranks.items())
+    else:
+        final_ranks = {} if full_ft else adapter_ranks(unwrapped)
+        adapter_params = 0 if full_ft else adapter_parameter_count(unwrapped)
     element_size = next(p for p in trainable).element_size()
     metrics = {
         **results,
@@ -256,14 +279,15 @@ def run(cfg, run_dir: str) -> dict:
         "step_seconds_median": statistics.median(step_times),
         "steps": step,
         "lr": cfg.train.lr,
-        "ranks": {} if full_ft else adapter_ranks(unwrapped),
+        "ranks": final_ranks,
     }
     if projection_ranks is not None:  # paper 003's effective rank: each layer's projection rank averaged over steps
         metrics["projection_ranks"] = projection_ranks.time_averaged()
         metrics["effective_rank"] = statistics.mean(metrics["projection_ranks"].values())
     if accelerator.is_main_process:
         if not full_ft:
-            sync_peft_config(unwrapped)  # online growth changed ranks: the saved config must say so
+            if not adalora:
+                sync_peft_config(unwrapped)  # online growth changed ranks: the saved config must say so
             plot_ranks(metrics["ranks"], [l.name for l in layers], os.path.join(run_dir, "ranks.png"),
                        f"{cfg.allocator.name}: {metrics['adapter_params']:,} adapter parameters")
         if projection_ranks is not None:

@@ -55,6 +55,8 @@ BAD_INPUTS = {
     "missing data file": ([*SMOKE, "task=local_file", "task.path=/nonexistent/train.csv"], "data file not found"),
     "LM task on a classifier": ([*SMOKE, "task=wiki_summaries"], "does not fit model"),
     "low-rank optimizer on an adapter": ([*SMOKE, "optimizer=galore"], "use allocator=full_ft"),
+    "adalora on convolutions": ([*SMOKE, "model=tiny_resnet", "task=fashion_mnist", "allocator=adalora"],
+                                "adalora does not support convolutions"),
     "unknown optimizer": ([*SMOKE, "optimizer=sgd9"], "unknown optimizer 'sgd9'"),
     "NaN loss": ([*SMOKE, "train.lr=1e30", "train.warmup_ratio=0"], "loss became"),
 }

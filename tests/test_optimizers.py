@@ -8,12 +8,7 @@ from lorambo.optimizers.low_rank import range_finder, smallest_sufficient_rank
 from lorambo.results import optimizer_state_bytes
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def problem(seed=0, shapes=((6, 6), (5, 7), (9, 4))):

@@ -216,3 +216,36 @@ def test_low_rank_optimizers_train_every_family(optimizer, family, tmp_path, pai
     assert 1 <= metrics["effective_rank"] <= 2
     assert set(metrics["projection_ranks"]) == set(layer_costs(compose_cfg(overrides)))
     assert (tmp_path / optimizer / "rank_history.png").exists()
+
+
+# adalora refuses convolutions (tiny_resnet): tests/test_cli.py checks its one-line error
+PEFT_BASELINES = [(a, f) for a in ("dora", "adalora") for f in sorted(FAMILIES) if (a, f) != ("adalora", "tiny_resnet")]
+
+
+@pytest.mark.parametrize("allocator,family", PEFT_BASELINES)
+def test_peft_baselines_count_real_parameters_and_reload(allocator, family, tmp_path, pair_csv):
+    from peft import PeftModel
+
+    overrides = [*FAMILIES[family], *QUICK, "train.max_steps=8", "train.eval_every=0", "budget=r4",
+                 f"allocator={allocator}"]
+    if allocator == "adalora":
+        overrides += ["allocator.delta_t=1"]
+    if "task=local_file" in overrides:
+        overrides.append(f"task.path={pair_csv}")
+    run_dir = tmp_path / allocator
+    metrics = run_in_process(overrides, run_dir)
+    cfg = compose_cfg(overrides)
+    torch.manual_seed(0)
+    layers = {l.name: l for l in adaptable_layers(build_model(cfg.model, cfg.task, build_tokenizer(cfg.model)),
+                                                  cfg.model.target_modules)}
+    if allocator == "dora":  # LoRA factors plus one magnitude per output row
+        expected = sum(r * layers[n].cost + layers[n].d_out for n, r in metrics["ranks"].items())
+        assert metrics["adapter_params"] <= metrics["p_max"]
+    else:  # AdaLoRA: the ranks its final pattern keeps, each an A row, a B column and a singular value
+        expected = sum(r * (layers[n].cost + 1) for n, r in metrics["ranks"].items())
+        target_r = metrics["p_max"] // sum(l.cost + 1 for l in layers.values())
+        assert sum(metrics["ranks"].values()) == target_r * len(layers)  # its budget: target_r on average
+    assert metrics["adapter_params"] == expected == saved_lora_params(run_dir)
+    reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))
+    for key, value in evaluate_independently(cfg, reloaded).items():
+        assert value == pytest.approx(metrics[key], rel=1e-4), key

@@ -12,12 +12,7 @@ from lorambo.sensitivity import (activation_covariances, data_weighted_approxima
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def small_problem(seed=0):

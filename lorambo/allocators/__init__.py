@@ -43,4 +43,4 @@ def allocate(name: str, layers: list[LayerSpec], p_max: int, stats: dict | None 
 
 
 from lorambo.allocators import (  # noqa: E402,F401  (each registers itself)
-    data_weighted, frobenius_greedy, gradient, hessian_offline, hessian_online, uniform)
+    data_weighted, dora, frobenius_greedy, gradient, hessian_offline, hessian_online, uniform)
