@@ -148,20 +148,7 @@ def run(cfg, run_dir: str) -> dict:
         model = wrap_adalora(model, layers, p_max, cfg.model.head_modules, cfg.lora, cfg.allocator, steps)
     else:
         p_max = resolve_p_max(cfg.budget, layers)
-        options = allocator_options(cfg.allocator)
-        if cfg.allocator.get("from_run"):
-            ranks = ranks_from_run(cfg.allocator.from_run, layers, p_max)
-        else:
-            required = required_stats(cfg.allocator.name, **options)
-            if required:  # sensitivities on the base model, before the adapter exists
-                t_sens = time.perf_counter()
-                batches = estimation_batches(data, cfg, accelerator.device)
-                stats = estimate(required, model.to(accelerator.device), layers, batches,
-                                 lambda m, b: forward(m, b, cfg.task.type)[0], cfg.sensitivity, cfg.seed)
-                sensitivity_seconds = time.perf_counter() - t_sens
-                if accelerator.is_main_process:
-                    write_json_atomic(os.path.join(run_dir, "sensitivities.json"), sensitivity_summary(stats))
-            ranks = allocate(cfg.allocator.name, layers, p_max, stats, **options)
+        ranks, stats, sensitivity_seconds = allocate_ranks(cfg, model, layers, p_max, data, accelerator, run_dir)
         use_dora = bool(cfg.allocator.get("dora", False))
         model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora, use_dora)
         if adapter_parameter_count(model) != expected_parameter_count(ranks, layers, use_dora):
@@ -353,6 +340,25 @@ class ProjectionRanks:
 
     def time_averaged(self) -> dict[str, float]:
         return {name: total / self.count for name, total in self.sums.items()}
+
+
+def allocate_ranks(cfg, model, layers, p_max, data, accelerator, run_dir) -> tuple[dict, dict, float]:
+    """Ranks from the allocator (after measuring the statistics it needs on the base model), or reused from
+    another run; returns (ranks, statistics, seconds spent estimating)."""
+    options = allocator_options(cfg.allocator)
+    if cfg.allocator.get("from_run"):
+        return ranks_from_run(cfg.allocator.from_run, layers, p_max), {}, 0.0
+    stats, seconds = {}, 0.0
+    required = required_stats(cfg.allocator.name, **options)
+    if required:
+        start = time.perf_counter()
+        batches = estimation_batches(data, cfg, accelerator.device)
+        stats = estimate(required, model.to(accelerator.device), layers, batches,
+                         lambda m, b: forward(m, b, cfg.task.type)[0], cfg.sensitivity, cfg.seed)
+        seconds = time.perf_counter() - start
+        if accelerator.is_main_process:
+            write_json_atomic(os.path.join(run_dir, "sensitivities.json"), sensitivity_summary(stats))
+    return allocate(cfg.allocator.name, layers, p_max, stats, **options), stats, seconds
 
 
 def allocator_options(allocator_cfg) -> dict:
