@@ -249,3 +249,30 @@ def test_peft_baselines_count_real_parameters_and_reload(allocator, family, tmp_
     reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))
     for key, value in evaluate_independently(cfg, reloaded).items():
         assert value == pytest.approx(metrics[key], rel=1e-4), key
+
+
+def test_hub_loading_path_takes_local_folders(tmp_path):
+    """The paper's GLUE path (from_pretrained + datasets.load_dataset) with local folders in place of hub ids."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = compose_cfg(["model=tiny_bert", "task=qnli"])
+    torch.manual_seed(0)
+    base = build_model(compose_cfg(["model=tiny_bert"]).model, cfg.task, build_tokenizer(cfg.model))
+    base.save_pretrained(tmp_path / "model")
+    build_tokenizer(cfg.model).save_pretrained(tmp_path / "model")
+    glue = tmp_path / "qnli"
+    glue.mkdir()
+    rng = random.Random(0)
+    for split, n in (("train", 96), ("validation", 32)):
+        with open(glue / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["question", "sentence", "label"])
+            for _ in range(n):
+                label = rng.randint(0, 1)
+                writer.writerow(["is it good?", "yes it is good" if label else "no", label])
+    metrics = run_in_process(["model=bert", f"model.pretrained={tmp_path / 'model'}", "task=qnli",
+                              f"task.dataset.path={glue}", "task.dataset.name=null", *QUICK, "budget=r4"],
+                             tmp_path / "run")
+    assert metrics["model"] == "bert" and 0 <= metrics["accuracy"] <= 1
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in base.parameters())
