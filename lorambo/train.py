@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from lorambo.adapters import (adalora_effective_ranks, adapter_parameter_count, adapter_ranks,
                               expected_parameter_count, wrap_adalora, wrap_lora)
 from lorambo.allocators import allocate, required_stats
+from lorambo.ard_lora import ArdLora, head_groups, true_parameter_count
 from lorambo.budget import resolve_p_max
 from lorambo.data import load_task
 from lorambo.errors import LoramboError
@@ -79,11 +80,15 @@ def evaluate_all(model, eval_loaders, task_cfg, accelerator) -> dict[str, float]
     return results
 
 
-def train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg, after_optimizer_step=None, step=0):
+def train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg, after_optimizer_step=None, step=0,
+               regularizer=None):
     """One micro-batch: forward, backward, and (when gradients are in sync) clip, step and zero.
-    `after_optimizer_step(model, step)` runs between the optimizer step and zero_grad (AdaLoRA's budget update)."""
+    `after_optimizer_step(model, step)` runs between the optimizer step and zero_grad (AdaLoRA's budget update);
+    `regularizer()` is added to the loss (ARD-LoRA's)."""
     with accelerator.accumulate(model):
         loss, _ = forward(model, batch, cfg.task.type)
+        if regularizer is not None:
+            loss = loss + regularizer()
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.train.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
@@ -138,7 +143,7 @@ def run(cfg, run_dir: str) -> dict:
     steps = cfg.train.max_steps or max(1, cfg.train.epochs * batches_per_epoch // cfg.train.grad_accum)
     full_ft = cfg.allocator.adapter == "none"
     adalora = cfg.allocator.adapter == "adalora"
-    stats, sensitivity_seconds, growth = {}, 0.0, None
+    stats, sensitivity_seconds, growth, ard = {}, 0.0, None, None
     if full_ft:
         p_max, ranks = None, {}
         for p in model.parameters():
@@ -146,6 +151,14 @@ def run(cfg, run_dir: str) -> dict:
     elif adalora:  # PEFT's own allocator: starts above the budget and prunes to it during training
         p_max = resolve_p_max(cfg.budget, layers)
         model = wrap_adalora(model, layers, p_max, cfg.model.head_modules, cfg.lora, cfg.allocator, steps)
+    elif cfg.allocator.adapter == "ard_lora":  # learnable rank scales over a rank-R adapter, cut at the end
+        p_max = resolve_p_max(cfg.budget, layers)
+        r0 = allocate("uniform", layers, p_max)[layers[0].name]
+        rank = min(math.ceil(cfg.allocator.alpha_max * r0), min(l.max_rank for l in layers))
+        model = wrap_lora(model, {l.name: rank for l in layers}, cfg.model.head_modules, cfg.lora)
+        groups = head_groups(model.get_base_model(), layers, cfg.model.get("per_head_modules")
+                             if cfg.allocator.per_head else None)
+        ard = ArdLora(model, layers, groups, r0, p_max, cfg.allocator)
     else:
         p_max = resolve_p_max(cfg.budget, layers)
         ranks, stats, sensitivity_seconds = allocate_ranks(cfg, model, layers, p_max, data, accelerator, run_dir)
@@ -169,6 +182,8 @@ def run(cfg, run_dir: str) -> dict:
     eval_loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=data.collate_fn)
                     for name, ds in data.evals.items()}
     optimizer = build_optimizer(cfg, model, layers, trainable, full_ft)
+    if ard is not None:  # the rank scales learn at their own rate, without weight decay
+        optimizer.add_param_group({"params": ard.parameters(), "lr": cfg.allocator.alpha_lr, "weight_decay": 0.0})
     projection_ranks = ProjectionRanks(optimizer, model, layers, run_dir) if cfg.optimizer.name != "adamw" else None
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
@@ -200,7 +215,8 @@ def run(cfg, run_dir: str) -> dict:
                 measuring = growth is not None and accelerator.sync_gradients and growth.due(step + 1)
                 with growth.measuring(accelerator.unwrap_model(model)) if measuring else nullcontext():
                     loss = train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg,
-                                      after_optimizer_step=adalora_update if adalora else None, step=step + 1)
+                                      after_optimizer_step=adalora_update if adalora else None, step=step + 1,
+                                      regularizer=ard.regularizer if ard is not None else None)
                 if measuring and growth.grow(step + 1, accelerator.unwrap_model(model), optimizer, accelerator):
                     trainable = [p for p in model.parameters() if p.requires_grad]
                     accelerator.log({f"rank/{n}": r for n, r in adapter_ranks(accelerator.unwrap_model(model)).items()},
@@ -237,6 +253,8 @@ def run(cfg, run_dir: str) -> dict:
     train_seconds = time.perf_counter() - t_train
 
     # --- evaluation, counts, saving
+    if ard is not None:
+        ard.finalize()  # integer ranks at the budget; what is evaluated and saved is the cut adapter
     t_eval = time.perf_counter()
     results = evaluate_all(model, eval_loaders, cfg.task, accelerator)
     eval_seconds = time.perf_counter() - t_eval
@@ -245,6 +263,9 @@ def run(cfg, run_dir: str) -> dict:
         final_ranks = {n: r for n, r in adalora_effective_ranks(unwrapped).items() if r > 0}
         cost = {l.name: l.cost + 1 for l in layers}  # A row, B column and one singular value per rank
         adapter_params = sum(r * cost[n] for n, r in final_ranks.items())
+    elif ard is not None:
+        final_ranks = adapter_ranks(unwrapped)
+        adapter_params = true_parameter_count(ard.final_ranks, {l.name: l for l in layers})
     else:
         final_ranks = {} if full_ft else adapter_ranks(unwrapped)
         adapter_params = 0 if full_ft else adapter_parameter_count(unwrapped)
@@ -268,6 +289,9 @@ def run(cfg, run_dir: str) -> dict:
         "lr": cfg.train.lr,
         "ranks": final_ranks,
     }
+    if ard is not None:
+        metrics["head_ranks"] = {n: r for n, r in ard.final_ranks.items() if len(r) > 1}
+        metrics["adapter_params_peft_form"] = adapter_parameter_count(unwrapped)
     if projection_ranks is not None:  # paper 003's effective rank: each layer's projection rank averaged over steps
         metrics["projection_ranks"] = projection_ranks.time_averaged()
         metrics["effective_rank"] = statistics.mean(metrics["projection_ranks"].values())

@@ -1,0 +1,94 @@
+"""ARD-LoRA: regulariser gradients, the effect of total variation, and true parameter counts end to end."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorambo.ard_lora import depth_chains, l1_penalty, soft_mask, true_parameter_count, tv_penalty
+from lorambo.budget import LayerSpec
+from tests.helpers import compose_cfg, run_in_process
+from tests.test_runs import FAMILIES, QUICK, evaluate_independently, load_base
+
+
+@pytest.mark.usefixtures("float64")
+def test_regularisers_and_soft_mask_have_the_right_gradients():
+    torch.manual_seed(0)
+    alphas = [torch.rand(3) + 0.5 for _ in range(4)]  # positive and far apart: away from |.|'s kinks
+    flat = torch.cat(alphas).requires_grad_(True)
+    split = lambda x: list(x.split(3))
+    assert torch.autograd.gradcheck(lambda x: l1_penalty(split(x)), (flat,))
+    assert torch.autograd.gradcheck(lambda x: tv_penalty([split(x)]), (flat,))
+    assert torch.autograd.gradcheck(lambda x: soft_mask(x, 4.0, 8, 0.5), (flat[:3].detach().clone().requires_grad_(),))
+    # analytic: d/d alpha_l of sum |alpha_{l+1} - alpha_l| is the sum of the signs of its two differences
+    (grad,) = torch.autograd.grad(tv_penalty([split(flat)]), flat)
+    a = torch.stack(alphas)
+    expected = torch.zeros_like(a)
+    expected[:-1] -= torch.sign(a[1:] - a[:-1])
+    expected[1:] += torch.sign(a[1:] - a[:-1])
+    assert torch.allclose(grad, expected.reshape(-1))
+
+
+def test_soft_mask_keeps_exactly_the_rounded_rank():
+    alpha = torch.tensor([0.3, 1.0, 1.4, 2.0])
+    kept = (soft_mask(alpha, 4.0, 8, 0.5) > 0.5).sum(1)
+    assert kept.tolist() == torch.round(4.0 * alpha).long().tolist()
+
+
+def test_total_variation_makes_neighbouring_ranks_closer():
+    """Scales pulled to alternating targets along depth: with the TV term the ranks of neighbours differ less."""
+    targets = torch.tensor([0.5, 2.0] * 4)
+
+    def ranks_after(lambda_tv):
+        log_alpha = torch.zeros(8, requires_grad=True)
+        opt = torch.optim.Adam([log_alpha], lr=0.05)
+        for _ in range(400):
+            alpha = log_alpha.exp()
+            loss = ((alpha - targets) ** 2).sum() + lambda_tv * tv_penalty([list(alpha.split(1))])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return torch.round(4 * log_alpha.exp()).detach()
+
+    jumps = lambda r: (r[1:] - r[:-1]).abs().sum().item()
+    assert jumps(ranks_after(1.0)) < jumps(ranks_after(0.0))
+
+
+def test_depth_chains_group_the_same_kind_of_layer_in_order():
+    names = ["enc.layer.10.q", "enc.layer.2.q", "enc.layer.2.k", "head"]
+    assert sorted(depth_chains(names)) == [["enc.layer.2.k"], ["enc.layer.2.q", "enc.layer.10.q"], ["head"]]
+
+
+def test_true_count_of_per_head_ranks():
+    layers = {"q": LayerSpec("q", 8, 5), "fc": LayerSpec("fc", 3, 7)}
+    # q: 4 heads of 2 rows, ranks [1, 3, 0, 2]: A keeps 3 rows of 5, B keeps (1+3+0+2) columns of 2 rows
+    assert true_parameter_count({"q": [1, 3, 0, 2], "fc": [2]}, layers) == 3 * 5 + 6 * 2 + 2 * (3 + 7)
+
+
+@pytest.mark.parametrize("family", ["tiny_bert", "tiny_gpt2", "tiny_resnet"])
+def test_ard_lora_counts_true_parameters_meets_the_budget_and_reloads(family, tmp_path):
+    from peft import PeftModel
+
+    overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "budget=r4", "allocator=ard_lora",
+                 "allocator.alpha_lr=0.2"]
+    run_dir = tmp_path / "ard"
+    metrics = run_in_process(overrides, run_dir)
+    cfg = compose_cfg(overrides)
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    lora = {k: t for k, t in saved.items() if "lora_" in k}
+    # the saved PEFT form holds every counted parameter, plus zero B entries where a head's rank ends
+    saved_total = sum(t.numel() for t in lora.values())
+    assert saved_total == metrics["adapter_params_peft_form"]
+    padding = 0
+    for name, head_ranks in metrics["head_ranks"].items():
+        (B,) = [t for k, t in lora.items() if k.endswith(f"{name}.lora_B.weight")]
+        d_head = B.shape[0] // len(head_ranks)
+        padding += sum(max(head_ranks) - r for r in head_ranks) * d_head
+        for h, r in enumerate(head_ranks):
+            assert B[h * d_head:(h + 1) * d_head, r:].abs().sum() == 0
+    assert saved_total - padding == metrics["adapter_params"]
+    assert metrics["adapter_params"] <= metrics["p_max"]
+    if family != "tiny_resnet":
+        assert metrics["head_ranks"]  # attention projections got per-head ranks
+    reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))
+    for key, value in evaluate_independently(cfg, reloaded).items():
+        assert value == pytest.approx(metrics[key], rel=1e-4), key
