@@ -64,7 +64,7 @@ def test_true_count_of_per_head_ranks():
     assert true_parameter_count({"q": [1, 3, 0, 2], "fc": [2]}, layers) == 3 * 5 + 6 * 2 + 2 * (3 + 7)
 
 
-@pytest.mark.parametrize("family", ["tiny_bert", "tiny_gpt2", "tiny_resnet"])
+@pytest.mark.parametrize("family", ["tiny_bert", "tiny_t5", "tiny_gpt2", "tiny_resnet"])  # roberta: same family as bert
 def test_ard_lora_counts_true_parameters_meets_the_budget_and_reloads(family, tmp_path):
     from peft import PeftModel
 
