@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorambo.budget import LayerSpec
-from lorambo.growth import ADAPTER, lora_layers
+from lorambo.growth import ADAPTER, lora_layers, set_rank
 
 
 def soft_mask(alpha: torch.Tensor, r0: float, rank: int, tau: float) -> torch.Tensor:
@@ -159,12 +159,6 @@ class ArdLora:
             A = lora_A.weight[:keep].clone()
             lora_A.weight = nn.Parameter(A)
             lora_B.weight = nn.Parameter(B.contiguous())
-            if isinstance(lora_A, nn.Conv2d):
-                lora_A.out_channels, lora_B.in_channels = keep, keep
-            else:
-                lora_A.out_features, lora_B.in_features = keep, keep
-            scale = module.scaling[ADAPTER]
-            module.r[ADAPTER] = keep
-            module.lora_alpha[ADAPTER] = scale * (keep ** 0.5 if module.use_rslora.get(ADAPTER, False) else keep)
+            set_rank(module, keep)
         self.final_ranks = ranks
         return ranks

@@ -67,15 +67,21 @@ def grow_rank(layer, new_rows: torch.Tensor, optimizer=None) -> None:
     new_B = torch.cat([B, torch.zeros(B.shape[0], k, *B.shape[2:], dtype=B.dtype, device=B.device)], dim=1)
     _replace_parameter(lora_A, new_A, optimizer, (slice(0, r),))
     _replace_parameter(lora_B, new_B, optimizer, (slice(None), slice(0, r)))
+    set_rank(layer, r + k)
+
+
+def set_rank(layer, rank: int) -> None:
+    """Record a LoRA layer's new rank after its factors were replaced. The scale of the existing components
+    stays; alpha follows so that alpha/r (rsLoRA: alpha/sqrt r) still equals it, and a saved adapter reloads
+    with the same scale."""
+    lora_A, lora_B = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
     if isinstance(lora_A, nn.Conv2d):
-        lora_A.out_channels, lora_B.in_channels = r + k, r + k
+        lora_A.out_channels, lora_B.in_channels = rank, rank
     else:
-        lora_A.out_features, lora_B.in_features = r + k, r + k
-    # The scale of the existing components stays; alpha follows so that alpha/r (rsLoRA: alpha/sqrt r) still
-    # equals it, and a saved adapter reloads with the same scale.
+        lora_A.out_features, lora_B.in_features = rank, rank
     scale = layer.scaling[ADAPTER]
-    layer.r[ADAPTER] = r + k
-    layer.lora_alpha[ADAPTER] = scale * ((r + k) ** 0.5 if layer.use_rslora.get(ADAPTER, False) else r + k)
+    layer.r[ADAPTER] = rank
+    layer.lora_alpha[ADAPTER] = scale * (rank ** 0.5 if layer.use_rslora.get(ADAPTER, False) else rank)
 
 
 def sync_peft_config(peft_model: nn.Module) -> None:

@@ -30,8 +30,28 @@ def optimizer_state_bytes(optimizer) -> int:
                for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
 
 
+def reset_peak_memory(device) -> None:
+    """Start a new peak: a Hydra sweep runs its jobs in one process, and each must report its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device) -> int:
-    """CUDA max allocated on GPU; peak resident set size of this process on CPU."""
+    """CUDA max allocated on GPU; peak resident set size of this process on CPU since reset_peak_memory
+    (VmHWM; where /proc is missing, the whole process's peak from getrusage)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -25,7 +25,7 @@ from lorambo.metrics import perplexity, task_metrics
 from lorambo.models import (adaptable_layers, build_model, build_tokenizer, check_model_fits_task,
                             head_parameters)
 from lorambo.plots import plot_rank_history, plot_ranks
-from lorambo.results import optimizer_state_bytes, peak_memory_bytes, write_json_atomic
+from lorambo.results import optimizer_state_bytes, peak_memory_bytes, reset_peak_memory, write_json_atomic
 from lorambo.sensitivity import estimate
 from lorambo.sensitivity import summary as sensitivity_summary
 
@@ -127,6 +127,7 @@ def run(cfg, run_dir: str) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(cfg.seed)
+    reset_peak_memory(accelerator.device)
 
     # --- data, base model, layers, ranks, adapter
     tokenizer = build_tokenizer(cfg.model)

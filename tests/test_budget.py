@@ -61,3 +61,4 @@ def test_uniform_below_rank_one_is_a_user_error():
 def test_unknown_allocator_is_a_user_error():
     with pytest.raises(LoramboError, match="unknown allocator"):
         allocate("nope", [LayerSpec("a", 2, 2)], 4)
+
