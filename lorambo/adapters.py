@@ -37,20 +37,20 @@ def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg, u
     return peft_model
 
 
-def _base_name(peft_name: str) -> str:
-    """Module name in the base model from its name inside a PeftModel."""
-    return peft_name.removeprefix("base_model.model.")
+ADAPTER = "default"  # PEFT's adapter name; lorambo uses one adapter per model
+
+
+def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """Every LoRA-wrapped module, by its name in the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name.removeprefix("base_model.model."): m for name, m in peft_model.named_modules()
+            if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
 
 def adapter_ranks(peft_model: nn.Module) -> dict[str, int]:
     """Rank of every adapted module, read from the real lora_A tensors."""
-    from peft.tuners.lora import LoraLayer
-
-    ranks = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            ranks[_base_name(name)] = module.lora_A["default"].weight.shape[0]
-    return ranks
+    return {name: m.lora_A[ADAPTER].weight.shape[0] for name, m in lora_layers(peft_model).items()}
 
 
 def adapter_parameter_count(peft_model: nn.Module) -> int:
@@ -105,5 +105,5 @@ def adalora_effective_ranks(peft_model: nn.Module) -> dict[str, int]:
     pattern = peft_model.peft_config["default"].rank_pattern
     if not pattern:
         return adapter_ranks(peft_model)
-    return {_base_name(key.removesuffix(".default").removesuffix(".lora_E")): int(sum(mask))
+    return {key.removeprefix("base_model.model.").removesuffix(".default").removesuffix(".lora_E"): int(sum(mask))
             for key, mask in pattern.items()}

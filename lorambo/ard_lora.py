@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from lorambo.budget import LayerSpec
-from lorambo.growth import ADAPTER, lora_layers, set_rank
+from lorambo.adapters import ADAPTER, lora_layers
+from lorambo.growth import set_rank
 
 
 def soft_mask(alpha: torch.Tensor, r0: float, rank: int, tau: float) -> torch.Tensor:

@@ -7,25 +7,14 @@ is unchanged at the moment of growth), and carries the optimizer state over (new
 
 import json
 import os
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from lorambo.adapters import rank_pattern_key
+from lorambo.adapters import ADAPTER, lora_layers, rank_pattern_key
 from lorambo.allocators.hessian_online import growth_decision, marginal_benefits
 from lorambo.budget import LayerSpec
 from lorambo.sensitivity import layer_inputs_as_rows
-
-ADAPTER = "default"
-
-
-def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return {name.removeprefix("base_model.model."): m for name, m in peft_model.named_modules()
-            if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
-
 
 def factor_matrices(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """A as (r, d_in) and B as (d_out, r), whatever the layer type (Conv2d: A's kernel flattened)."""

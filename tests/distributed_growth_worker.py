@@ -9,7 +9,8 @@ from torch import nn
 
 import lorambo  # noqa: F401
 from lorambo.budget import LayerSpec
-from lorambo.growth import OnlineGrowth, factor_matrices, lora_layers
+from lorambo.adapters import lora_layers
+from lorambo.growth import OnlineGrowth, factor_matrices
 from tests.test_growth import LORA, Tiny
 
 

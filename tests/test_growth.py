@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import lorambo  # noqa: F401
-from lorambo.adapters import adapter_ranks, wrap_lora
-from lorambo.growth import GradientCapture, factor_matrices, grow_rank, lora_layers, residual, sync_peft_config
+from lorambo.adapters import adapter_ranks, lora_layers, wrap_lora
+from lorambo.growth import GradientCapture, factor_matrices, grow_rank, residual, sync_peft_config
 from tests.helpers import run_in_process
 
 
