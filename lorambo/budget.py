@@ -37,6 +37,14 @@ def resolve_p_max(budget, layers: list[LayerSpec]) -> int:
     return p_max
 
 
+def budget_label(budget) -> str:
+    """A budget as tables name it: `r4`, `r4x1.12` (12% above uniform r=4), `12M`."""
+    if budget.kind == "absolute":
+        return f"{budget.p_max / 1e6:g}M"
+    scale = budget.get("scale", 1.0)
+    return f"r{budget.rank}" if scale == 1.0 else f"r{budget.rank}x{scale:g}"
+
+
 def check_budget(p_max: int, layers: list[LayerSpec]) -> None:
     smallest = min(layer.cost for layer in layers)
     full = sum(layer.cost * layer.max_rank for layer in layers)

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -11,7 +12,7 @@ import lorambo  # noqa: F401  (torchvision fix before anything imports it)
 from lorambo.config import CONF_DIR
 from lorambo.errors import LoramboError
 
-CONFIG_GROUPS = ("model", "task", "allocator", "budget", "logger", "optimizer", "experiment")
+CONFIG_GROUPS = ("model", "task", "allocator", "budget", "logger", "optimizer", "method", "experiment")
 _failures = []
 
 
@@ -39,6 +40,7 @@ def fail(message: str) -> None:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     import datasets
     import transformers
@@ -57,10 +59,14 @@ def _main(cfg: DictConfig) -> float | None:
         fail(message)
         _failures.append(run_dir)
         return None
-    except Exception as e:  # a bug: Hydra reports it with its traceback; the run folder says it failed
+    except Exception as e:  # a bug: reported with its traceback; the run folder says it failed
         with open(os.path.join(run_dir, "error.txt"), "w") as f:
             f.write(f"{type(e).__name__}: {e}\n")
-        raise
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        traceback.print_exc()  # in a sweep the other jobs still run; lorambo-report lists this one as failed
+        _failures.append(run_dir)
+        return None
     main_metric = cfg.task.main_metric
     if int(os.environ.get("RANK", "0")) != 0:  # multi-process: the main process reports
         return metrics[main_metric]

@@ -31,3 +31,26 @@ def compose_config(overrides=()):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def sweep_cells(params, arguments=()) -> list[list[str]]:
+    """The jobs of a Hydra multirun, in Hydra's order (job number = index): the config's
+    `hydra.sweeper.params` then the command-line overrides, the latter winning for a key in both, as Hydra's
+    basic sweeper does."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    strings = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
+    overrides = OverridesParser.create().parse_overrides(strings)
+    return BasicSweeper.split_arguments(overrides, None)[0]
+
+
+def preset_cells(experiment: str, arguments=()) -> list[list[str]]:
+    """The jobs `lorambo-run experiment=NAME ARGUMENTS` runs."""
+    from hydra import compose, initialize_config_dir
+
+    arguments = [f"experiment={experiment}", *arguments]
+    fixed = [a for a in arguments if "," not in a.partition("=")[2]]  # a sweep value does not compose as is
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+    return sweep_cells(OmegaConf.to_container(cfg.hydra.sweeper.params), arguments)

@@ -8,6 +8,7 @@ import csv
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,8 @@ def _text_splits(task_cfg):
                                f"set task.text_fields / task.label_field")
     elif source == "rt_snippets":
         raw = datasets.DatasetDict({"train": _rt_snippets(_check_file(task_cfg.path))})
+    elif source == "wiki_pairs":
+        raw = _wiki_pairs(_check_file(task_cfg.path), task_cfg.validation_fraction)
     elif source == "wiki_summaries":
         with open(_check_file(task_cfg.path), encoding="utf-8") as f:
             articles = json.load(f)
@@ -95,6 +98,37 @@ def _rt_snippets(path):
                 texts.append(row["text"].strip())
                 labels.append(int(rating > 0))
     return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+
+def _wiki_pairs(path, validation_fraction: float):
+    """A QNLI-like pair task from the Wikipedia summaries: (title, sentence), label 1 when the sentence is from
+    that article's summary, 0 when from another article's. Sentences after the first (which usually repeats
+    the title); one positive and one negative per article; split by article, all with a fixed seed (0)."""
+    import datasets
+
+    with open(path, encoding="utf-8") as f:
+        articles = json.load(f)
+    sentences = {}
+    for _, a in sorted(articles.items()):
+        parts = [s for s in re.split(r"(?<=[.!?])\s+", (a.get("extract") or "").strip()) if len(s.split()) >= 4]
+        if len(parts) >= 2:
+            sentences[a["title"]] = parts[1:]
+    titles = sorted(sentences)
+    rng = np.random.default_rng(0)
+    rng.shuffle(titles)
+    n_val = int(len(titles) * validation_fraction)
+    splits = {"validation": titles[:n_val], "train": titles[n_val:]}
+    out = {}
+    for split, names in splits.items():
+        rows = {"title": [], "sentence": [], "label": []}
+        for i, title in enumerate(names):
+            other = names[(i + 1 + int(rng.integers(len(names) - 1))) % len(names)]  # any article but this one
+            for label, source in ((1, title), (0, other)):
+                rows["title"].append(title)
+                rows["sentence"].append(sentences[source][int(rng.integers(len(sentences[source])))])
+                rows["label"].append(label)
+        out[split] = datasets.Dataset.from_dict(rows)
+    return datasets.DatasetDict(out)
 
 
 def _eval_split_names(task_cfg) -> dict:

@@ -8,13 +8,13 @@ import tempfile
 import torch
 
 
-def write_json_atomic(path, data) -> None:
+def write_text_atomic(path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone who can read the folder
@@ -22,6 +22,10 @@ def write_json_atomic(path, data) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -17,7 +17,7 @@ from lorambo.adapters import (adalora_effective_ranks, adapter_parameter_count, 
                               expected_parameter_count, wrap_adalora, wrap_lora)
 from lorambo.allocators import allocate, required_stats
 from lorambo.ard_lora import ArdLora, head_groups, true_parameter_count
-from lorambo.budget import resolve_p_max
+from lorambo.budget import budget_label, resolve_p_max
 from lorambo.data import load_task
 from lorambo.errors import LoramboError
 from lorambo.growth import OnlineGrowth, sync_peft_config
@@ -274,7 +274,9 @@ def run(cfg, run_dir: str) -> dict:
     metrics = {
         **results,
         "model": cfg.model.name, "task": cfg.task.name, "allocator": cfg.allocator.name, "seed": cfg.seed,
-        "p_max": p_max,
+        "optimizer": cfg.optimizer.name, "optimizer_rank": cfg.optimizer.get("rank"),
+        "budget": None if full_ft else budget_label(cfg.budget), "p_max": p_max,
+        "main_metric": cfg.task.main_metric, "reported_metrics": reported_metrics(cfg.task, list(eval_loaders)),
         "adapter_params": adapter_params,
         "adapter_bytes": adapter_params * element_size,
         "adapter_mib": adapter_params * element_size / 2**20,
@@ -322,6 +324,15 @@ def run(cfg, run_dir: str) -> dict:
         write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)  # last: its presence means complete
     accelerator.end_training()
     return metrics
+
+
+def reported_metrics(task_cfg, splits: list[str]) -> list[str]:
+    """The metrics a table shows for this task: the main one, for every evaluation split (MNLI: m and mm)."""
+    main = task_cfg.main_metric
+    if len(splits) == 1:
+        return [main]
+    base = next((main[: -len(s) - 1] for s in splits if main.endswith("_" + s)), main)
+    return [f"{base}_{s}" for s in splits]
 
 
 def build_optimizer(cfg, model, layers, trainable, full_ft: bool):

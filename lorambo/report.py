@@ -1,0 +1,375 @@
+"""`lorambo-report PATH...`: the papers' tables and the usual plots from run folders (never the network).
+
+Reads every metrics.json below the given folders; groups runs into cells (model, table row, task column) and
+prints mean +- sample std over seeds, the paper's number beside it where one exists (for the CPU stand-ins,
+the number of the model and task they stand for), the difference, and each row's difference from uniform LoRA
+with Welch's t-test over seeds (significant: p < 0.05). Sweeps (folders with Hydra's multirun.yaml) also
+report the cells that have no result. Writes report.{md,tex,csv} and PNG plots into --out.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+
+import yaml
+
+from lorambo import paper_tables
+from lorambo.errors import LoramboError
+
+PERCENT_METRICS = ("accuracy", "f1", "mcc", "pearson")
+TASK_ORDER = ["cola", "stsb", "mrpc", "rte", "sst2", "mnli", "qnli", "qqp", "wikitext103", "imagenet1k",
+              "rt_snippets", "wiki_pairs", "wiki_summaries", "wiki_adapt", "fashion_mnist", "fmnist_adapt"]
+ROW_ORDER = ["full_ft", "galore", "adarankgrad", "lora", "dora", "adalora", "ard_lora", "uniform", "frobenius_greedy",
+             "gradient", "hessian_offline", "hessian_online", "data_weighted"]
+
+
+# --- reading runs
+
+def load_run(run_dir: str) -> dict:
+    """metrics.json, with what older runs did not record filled in from Hydra's saved config."""
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        m = json.load(f)
+    m["run_dir"] = run_dir
+    if "budget" not in m:
+        cfg_path = os.path.join(run_dir, ".hydra", "config.yaml")
+        cfg = yaml.safe_load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+        from omegaconf import OmegaConf
+
+        from lorambo.budget import budget_label
+        opt = cfg.get("optimizer", {"name": "adamw"})
+        m.setdefault("optimizer", opt["name"])
+        m.setdefault("optimizer_rank", opt.get("rank"))
+        m["budget"] = None if m["allocator"] == "full_ft" or "budget" not in cfg else budget_label(
+            OmegaConf.create(cfg["budget"]))
+        m.setdefault("main_metric", cfg.get("task", {}).get("main_metric", "accuracy"))
+    m.setdefault("reported_metrics", [m["main_metric"]])
+    return m
+
+
+def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
+    """(finished runs, lines about sweep cells without a result)."""
+    runs, missing = [], []
+    for path in paths:
+        if not os.path.exists(path):
+            raise LoramboError(f"no such folder: '{path}'; give run or sweep folders (e.g. runs/multirun/DATE/TIME)")
+        for metrics in sorted(glob.glob(os.path.join(path, "**", "metrics.json"), recursive=True)):
+            runs.append(load_run(os.path.dirname(metrics)))
+        for sweep in sorted(glob.glob(os.path.join(path, "**", "multirun.yaml"), recursive=True)):
+            missing += missing_cells(os.path.dirname(sweep))
+    return runs, missing
+
+
+def missing_cells(sweep_dir: str) -> list[str]:
+    """The jobs a sweep was asked to run (from its multirun.yaml) that left no metrics.json, with the reason
+    when the run folder says it (error.txt)."""
+    from lorambo.config import sweep_cells
+
+    with open(os.path.join(sweep_dir, "multirun.yaml")) as f:
+        saved = yaml.safe_load(f)["hydra"]
+    cells = sweep_cells(saved["sweeper"].get("params"), saved["overrides"]["task"])
+    lines = []
+    for num, cell in enumerate(cells):
+        folders = glob.glob(os.path.join(sweep_dir, f"{num}_*"))
+        if any(os.path.exists(os.path.join(d, "metrics.json")) for d in folders):
+            continue
+        varying = " ".join(o for o in cell if sum(o == c[i] for c in cells for i in range(len(c))) < len(cells))
+        reason = "not run (sweep stopped or job lost)" if not folders else "no metrics.json (killed?)"
+        for d in folders:
+            if os.path.exists(os.path.join(d, "error.txt")):
+                reason = "failed: " + open(os.path.join(d, "error.txt")).read().strip().splitlines()[0]
+        lines.append(f"missing: {sweep_dir} job {num} ({varying or ' '.join(cell)}): {reason}")
+    return lines
+
+
+# --- cells
+
+def row_key(m: dict) -> str:
+    """The table row of a run: `full_ft`, `galore_r4`, `lora_r4`, `hessian_offline_r4x1.12`, or for absolute
+    budgets (a column there) just the allocator."""
+    if m["allocator"] == "full_ft":
+        return "full_ft" if m["optimizer"] == "adamw" else f"{m['optimizer']}_r{m['optimizer_rank']}"
+    if m["budget"].endswith("M"):
+        return m["allocator"]
+    return f"{'lora' if m['allocator'] == 'uniform' else m['allocator']}_{m['budget']}"
+
+
+def baseline_row(row: str) -> str | None:
+    """Uniform LoRA at the same budget: the row each allocator is tested against."""
+    if row == "full_ft" or row.startswith("lora_") or row == "uniform":
+        return None
+    if "_r" in row:
+        budget = row.rsplit("_r", 1)[1]
+        return f"lora_r{budget.split('x')[0]}"
+    return "uniform"
+
+
+def column_keys(m: dict) -> list[tuple]:
+    absolute = m["budget"] is not None and m["budget"].endswith("M")
+    return [(m["task"], metric, m["budget"]) if absolute else (m["task"], metric) for metric in m["reported_metrics"]]
+
+
+def metric_unit(metric: str) -> float:
+    return 100.0 if metric.split("_")[0] in PERCENT_METRICS else 1.0
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t-test p-value, or None with fewer than two seeds on a side or no spread at all."""
+    if len(a) < 2 or len(b) < 2 or (statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0):
+        return None
+    from scipy.stats import ttest_ind
+
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def build_cells(runs: list[dict], paper: str) -> list[dict]:
+    """One record per (model, row, column): values over seeds, the paper's number, the test against uniform."""
+    groups = {}
+    for m in runs:
+        for column in column_keys(m):
+            value = m.get(column[1])
+            if value is not None:
+                groups.setdefault((m["model"], row_key(m), column), []).append((m, value * metric_unit(column[1])))
+    lookup = paper_tables.paper_003 if paper == "003" else paper_tables.paper_000
+    cells = []
+    for (model, row, column), items in groups.items():
+        values = [v for _, v in items]
+        paper_model = paper_tables.MODEL_ANALOGUE[paper].get(model, model)
+        paper_column = (paper_tables.TASK_ANALOGUE.get(column[0], column[0]), *column[1:])
+        reference = lookup(paper_model, row, paper_column)
+        base = groups.get((model, baseline_row(row), column)) if baseline_row(row) else None
+        base_values = [v for _, v in base] if base else []
+        runs_here = [m for m, _ in items]
+        cells.append({
+            "model": model, "row": row, "task": column[0], "metric": column[1],
+            "budget": column[2] if len(column) == 3 else (runs_here[0]["budget"] or "-"),
+            "n": len(values), "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
+            "paper": reference,
+            "paper_is_analogue": reference is not None and (paper_model, paper_column) != (model, column),
+            "diff_paper": None if reference is None else statistics.mean(values) - reference,
+            "vs_uniform": statistics.mean(values) - statistics.mean(base_values) if base_values else None,
+            "p_vs_uniform": welch_p(values, base_values) if base_values else None,
+            "adapter_params": statistics.mean(m["adapter_params"] for m in runs_here),
+            "adapter_mib": statistics.mean(
+                m["adapter_mib"] if m["allocator"] != "full_ft" else m["trainable_params"] * 4 / 2**20
+                for m in runs_here),
+            "optimizer_mib": statistics.mean(m["optimizer_state_bytes"] for m in runs_here) / 2**20,
+            "peak_mib": statistics.mean(m.get("peak_memory_bytes") or 0 for m in runs_here) / 2**20,
+            "step_seconds": statistics.mean(m["step_seconds_median"] for m in runs_here),
+            "effective_rank": statistics.mean(m["effective_rank"] for m in runs_here)
+            if all("effective_rank" in m for m in runs_here) else None,
+            "paper_memory": paper_tables.paper_memory(paper, paper_model, row),
+            "runs": runs_here,
+        })
+    return cells
+
+
+def row_sort_key(row: str):
+    head = next((i for i, name in enumerate(ROW_ORDER) if row.startswith(name)), len(ROW_ORDER))
+    return head, row
+
+
+def column_sort_key(column: tuple):
+    task = TASK_ORDER.index(column[0]) if column[0] in TASK_ORDER else len(TASK_ORDER)
+    budget = float(column[2][:-1]) if len(column) == 3 else 0.0
+    return task, column[0], budget, column[1]
+
+
+# --- rendering
+
+def format_cell(c: dict) -> str:
+    text = f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if c["n"] > 1 else "") + f" (n={c['n']})"
+    if c["paper"] is not None:
+        text += f" [{'~' if c['paper_is_analogue'] else ''}{c['paper']:.2f}, {c['diff_paper']:+.2f}]"
+    if c["vs_uniform"] is not None:
+        mark = "" if c["p_vs_uniform"] is None else (f" p={c['p_vs_uniform']:.2f}" +
+                                                     ("*" if c["p_vs_uniform"] < 0.05 else ""))
+        text += f" Δu {c['vs_uniform']:+.2f}{mark}"
+    return text
+
+
+def table_rows(cells: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The paper's layout: a row per (model, method), a column per task metric (and budget), memory last."""
+    columns = sorted({(c["task"], c["metric"], c["budget"]) if c["budget"].endswith("M") else (c["task"], c["metric"])
+                      for c in cells}, key=column_sort_key)
+    by_key = {}
+    for c in cells:
+        column = (c["task"], c["metric"], c["budget"]) if c["budget"].endswith("M") else (c["task"], c["metric"])
+        by_key[(c["model"], c["row"], column)] = c
+    rows = sorted({(c["model"], c["row"]) for c in cells}, key=lambda mr: (mr[0], row_sort_key(mr[1])))
+    header = ["model", "method"] + [" ".join(col) for col in columns] + [
+        "adapter MiB", "paper Mem", "optimizer MiB", "peak MiB", "step s", "eff. rank"]
+    body = []
+    for model, row in rows:
+        here = [by_key.get((model, row, col)) for col in columns]
+        first = next(c for c in here if c is not None)
+        body.append([model, row] + [format_cell(c) if c else "—" for c in here] + [
+            f"{first['adapter_mib']:.2f}",
+            "—" if first["paper_memory"] is None else f"{first['paper_memory']:g}",
+            f"{first['optimizer_mib']:.1f}", f"{first['peak_mib']:.0f}", f"{first['step_seconds']:.3f}",
+            "—" if first["effective_rank"] is None else f"{first['effective_rank']:.2f}"])
+    return header, body
+
+
+CSV_FIELDS = ["model", "row", "task", "metric", "budget", "n", "mean", "std", "paper", "paper_is_analogue",
+              "diff_paper", "vs_uniform", "p_vs_uniform", "adapter_params", "adapter_mib", "paper_memory",
+              "optimizer_mib", "peak_mib", "step_seconds", "effective_rank"]
+
+
+def render(cells: list[dict], fmt: str, missing: list[str], paper: str) -> str:
+    if fmt == "csv":
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.DictWriter(out, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for c in sorted(cells, key=lambda c: (c["model"], row_sort_key(c["row"]), c["task"], c["metric"])):
+            writer.writerow(c)
+        return out.getvalue()
+    header, body = table_rows(cells)
+    legend = (f"Cells: mean ± sample std over seeds (n) in the paper's units; [paper {paper}'s number, ours minus "
+              f"it] where the paper has the cell (~: the number of the model and task this CPU stand-in replaces); "
+              f"Δu: difference from uniform LoRA at the same budget, p: Welch's t-test over seeds, "
+              f"*: p < 0.05 (beyond seed noise). adapter MiB: fp32 adapter tensors (full FT: the whole model).")
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines + ["", legend] + (["", *missing] if missing else [])) + "\n"
+    if fmt == "latex":
+        escape = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace(
+            "~", r"$\sim$").replace("—", "--")
+        lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
+                 " & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(escape(x) for x in r) + r" \\" for r in body]
+        lines += [r"\bottomrule", r"\end{tabular}", "% " + legend]
+        return "\n".join(lines + ["% " + m for m in missing]) + "\n"
+    raise LoramboError(f"unknown --format '{fmt}'; use markdown, latex or csv")
+
+
+# --- plots
+
+def slug(*parts) -> str:
+    return "_".join(str(p).replace("/", "-").replace(".", "p") for p in parts if p)
+
+
+def plot_all(cells: list[dict], out_dir: str) -> list[str]:
+    """metric vs adapter parameters per allocator; ranks per layer per allocator (heat map); rank over
+    training for online methods (hessian_online's growth, GaLore/AdaRankGrad projections)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lorambo.plots import plot_rank_history
+
+    written = []
+    for model, task, metric in sorted({(c["model"], c["task"], c["metric"]) for c in cells}):
+        here = [c for c in cells if (c["model"], c["task"], c["metric"]) == (model, task, metric)
+                and c["runs"][0]["allocator"] != "full_ft"]
+        if not here:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for allocator in sorted({c["runs"][0]["allocator"] for c in here}):
+            points = sorted((c["adapter_params"], c["mean"], 0 if math.isnan(c["std"]) else c["std"])
+                            for c in here if c["runs"][0]["allocator"] == allocator)
+            x, y, err = zip(*points)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=allocator)
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter parameters")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{model} {task}: {metric} against adapter parameters")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, slug(metric, "vs_params", model, task) + ".png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    # heat maps: one per (model, task, budget); rows the allocators' seed-averaged ranks, columns the layers
+    seen = set()
+    for c in cells:
+        key = (c["model"], c["task"], c["budget"])
+        if key in seen or c["budget"] == "-":
+            continue
+        seen.add(key)
+        rows = {}
+        for d in cells:
+            if (d["model"], d["task"], d["budget"]) == key and d["runs"][0].get("ranks"):
+                rows[d["row"]] = d["runs"]
+        if not rows:
+            continue
+        layers = list(next(iter(rows.values()))[0]["ranks"])
+        names = sorted(rows, key=row_sort_key)
+        grid = np.array([[statistics.mean(m["ranks"].get(layer, 0) for m in rows[n]) for layer in layers]
+                         for n in names])
+        fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.15 + 3), 1 + 0.4 * len(names)))
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("layer (model order)")
+        ax.set_title(f"{key[0]} {key[1]} budget {key[2]}: rank per layer (mean over seeds)")
+        fig.colorbar(image, ax=ax, label="rank")
+        fig.tight_layout()
+        path = os.path.join(out_dir, slug("ranks", *key) + ".png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    # rank over training: the first seed of every row that recorded a history
+    done = set()
+    for c in cells:
+        first = sorted(c["runs"], key=lambda m: m["seed"])[0]
+        history_path = os.path.join(first["run_dir"], "rank_history.jsonl")
+        key = (c["model"], c["task"], c["row"], c["budget"])
+        if key in done or not os.path.exists(history_path):
+            continue
+        done.add(key)
+        with open(history_path) as f:
+            history = [json.loads(line) for line in f]
+        layers = list(history[-1]["ranks"])
+        path = os.path.join(out_dir, slug("rank_history", *key) + ".png")
+        plot_rank_history(history, layers, path, f"{c['model']} {c['task']} {c['row']}: rank of every layer "
+                                                 f"over training (seed {first['seed']})")
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="lorambo-report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="run folders or sweep folders")
+    parser.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
+    parser.add_argument("--paper", default="auto", choices=["auto", "000", "003"],
+                        help="whose numbers go beside the cells (auto: 003 when GaLore/AdaRankGrad runs are there)")
+    parser.add_argument("--out", help="folder for the report file and plots (default: the first path)")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        runs, missing = find_runs(args.paths)
+        if not runs:
+            raise LoramboError(f"no finished runs (metrics.json) under {', '.join(args.paths)}")
+        paper = args.paper if args.paper != "auto" else (
+            "003" if any(m["optimizer"] in ("galore", "adarankgrad") for m in runs) else "000")
+        cells = build_cells(runs, paper)
+        text = render(cells, args.format, missing, paper)
+        out_dir = args.out or (args.paths[0] if os.path.isdir(args.paths[0]) else ".")
+        os.makedirs(out_dir, exist_ok=True)
+        from lorambo.results import write_text_atomic
+
+        write_text_atomic(os.path.join(out_dir, "report." + {"markdown": "md", "latex": "tex", "csv": "csv"}[
+            args.format]), text)
+        plots = [] if args.no_plots else plot_all(cells, out_dir)
+    except LoramboError as e:
+        print(f"lorambo-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.stdout.write(text)
+    if args.format != "csv":
+        print(f"\n{len(runs)} runs; report and {len(plots)} plots in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Experiment presets: every one composes into the table it names; the CPU versions run end to end."""
+
+import glob
+import json
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from lorambo.cli import group_options
+from lorambo.config import compose_config, preset_cells
+from tests.helpers import run_cli
+
+PRESETS = [p for p in group_options("experiment") if p != "smoke"]
+
+
+def test_the_issue_presets_exist():
+    assert {"table1", "table2_lm", "table2_vision", "adarankgrad_glue", "budget_sweep", "table1_cpu",
+            "adarankgrad_cpu"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_cell_of_every_preset_composes(preset):
+    cells = preset_cells(preset)
+    assert cells
+    for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in cells}:
+        cfg = compose_config(list(cell))
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def axis(cells, key):
+    return sorted({o.split("=", 1)[1] for c in cells for o in c if o.startswith(key + "=")})
+
+
+def test_table1_is_paper_000_table1():
+    cells = preset_cells("table1")
+    assert axis(cells, "model") == ["bert", "roberta", "t5"] and axis(cells, "task") == ["mnli", "qnli", "sst2"]
+    assert len(cells) == 3 * 3 * 4 * 3
+    rows = {}
+    for cell in cells:
+        cfg = compose_config(cell)
+        rows[[o for o in cell if o.startswith("method=")][0]] = (
+            cfg.allocator.name, None if cfg.allocator.name == "full_ft" else
+            (cfg.budget.rank, cfg.budget.get("scale", 1.0)))
+    assert rows == {"method=full_ft": ("full_ft", None), "method=lora_r4": ("uniform", (4, 1.0)),
+                    "method=hessian_matched": ("hessian_offline", (4, 1.0)),
+                    "method=hessian_paper": ("hessian_offline", (4, 1.12))}
+
+
+def test_adarankgrad_rows_set_optimizer_and_rank():
+    rows = set()
+    for cell in preset_cells("adarankgrad_glue", ["seed=0", "task=rte"]):
+        cfg = compose_config(cell)
+        if cfg.allocator.name == "full_ft":
+            rows.add((cfg.optimizer.name, cfg.optimizer.get("rank")))
+        else:
+            rows.add((cfg.allocator.name, cfg.budget.rank))
+    assert rows == {("adamw", None), ("uniform", 4), ("uniform", 8), ("galore", 4), ("galore", 8),
+                    ("adarankgrad", 4), ("adarankgrad", 8)}
+
+
+def test_command_line_narrows_a_preset_axis():
+    cells = preset_cells("budget_sweep", ["model=roberta", "task=qnli", "budget=r4,r8", "seed=0"])
+    assert len(cells) == 6 * 2 and axis(cells, "budget") == ["r4", "r8"] and axis(cells, "seed") == ["0"]
+
+
+@pytest.mark.parametrize("preset,narrow,jobs", [("table1_cpu", ["seed=0"], 8),
+                                                 ("adarankgrad_cpu", ["seed=0", "task=wiki_pairs"], 7)])
+def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path):
+    """The CPU preset as shipped (real MiniLM, real data), cut to 2 steps and 32 examples so it fits a test."""
+    result = run_cli([f"experiment={preset}", *narrow, "train.max_steps=2", "task.max_train_samples=64",
+                      "task.max_eval_samples=32", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.load(open(p)) for p in glob.glob(os.path.join(tmp_path, "sweep", "*", "metrics.json"))]
+    assert len(runs) == jobs
+    assert {r["model"] for r in runs} == {"minilm"} and all(r["steps"] == 2 for r in runs)

@@ -1,0 +1,123 @@
+"""`lorambo-report`: statistics against an independent computation, the paper's numbers beside the cells,
+plots, and sweeps that lost jobs."""
+
+import copy
+import csv
+import glob
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lorambo.report import main as report_main
+from tests.helpers import run_cli, run_in_process
+
+TINY = ["experiment=smoke", "task.max_train_samples=64", "task.max_eval_samples=32", "train.max_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A real run's metrics.json, to clone with chosen accuracies."""
+    run_dir = tmp_path_factory.mktemp("template")
+    run_in_process([*TINY, "budget=r4"], run_dir)
+    return json.load(open(run_dir / "metrics.json"))
+
+
+def fake_runs(root, template, model, rows):
+    """rows: {(allocator, budget): [accuracy per seed]}; writes one run folder per seed."""
+    for (allocator, budget), values in rows.items():
+        for seed, value in enumerate(values):
+            m = copy.deepcopy(template)
+            m.update(model=model, task="qnli", allocator=allocator, budget=budget, seed=seed, accuracy=value,
+                     optimizer="adamw", reported_metrics=["accuracy"], main_metric="accuracy")
+            run_dir = root / f"{model}_{allocator}_{budget}_s{seed}"
+            run_dir.mkdir()
+            json.dump(m, open(run_dir / "metrics.json", "w"))
+
+
+def welch_reference(a, b):
+    """Welch's t-test written out: t, Welch-Satterthwaite degrees of freedom, two-sided p."""
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return 2 * stats.t.sf(abs(t), df)
+
+
+def report_csv(paths, out, capsys):
+    report_main([*map(str, paths), "--format", "csv", "--out", str(out)])
+    return list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+
+
+def test_cells_mean_std_paper_and_test_against_uniform(tmp_path, template, capsys):
+    uniform = [0.790, 0.800, 0.812, 0.803]
+    hessian = [0.842, 0.851, 0.860, 0.855]  # clearly better
+    close = [0.797, 0.809, 0.801]          # within seed noise
+    fake_runs(tmp_path, template, "roberta", {("uniform", "r4"): uniform, ("hessian_offline", "r4x1.12"): hessian,
+                                              ("gradient", "r4"): close})
+    rows = {r["row"]: r for r in report_csv([tmp_path], tmp_path, capsys)}
+    assert set(rows) == {"lora_r4", "hessian_offline_r4x1.12", "gradient_r4"}
+    for row, values in (("lora_r4", uniform), ("hessian_offline_r4x1.12", hessian), ("gradient_r4", close)):
+        assert float(rows[row]["mean"]) == pytest.approx(100 * np.mean(values))
+        assert float(rows[row]["std"]) == pytest.approx(100 * np.std(values, ddof=1))
+        assert int(rows[row]["n"]) == len(values)
+    for row, values in (("hessian_offline_r4x1.12", hessian), ("gradient_r4", close)):
+        assert float(rows[row]["vs_uniform"]) == pytest.approx(100 * (np.mean(values) - np.mean(uniform)))
+        assert float(rows[row]["p_vs_uniform"]) == pytest.approx(welch_reference(values, uniform), rel=1e-6)
+    assert float(rows["hessian_offline_r4x1.12"]["p_vs_uniform"]) < 0.05 < float(rows["gradient_r4"]["p_vs_uniform"])
+    # paper 000 Table 1, RoBERTa-base QNLI: uniform r=4 89.32, Adaptive/Hessian (at +12%) 89.45; none for gradient
+    assert float(rows["lora_r4"]["paper"]) == 89.32
+    assert float(rows["hessian_offline_r4x1.12"]["diff_paper"]) == pytest.approx(100 * np.mean(hessian) - 89.45)
+    assert rows["gradient_r4"]["paper"] == ""
+
+
+def test_markdown_latex_and_plots(tmp_path, template, capsys):
+    fake_runs(tmp_path, template, "minilm", {("uniform", "r4"): [0.8, 0.82], ("hessian_offline", "r4"): [0.81, 0.83]})
+    report_main([str(tmp_path), "--out", str(tmp_path)])
+    markdown = capsys.readouterr().out
+    table = [line for line in markdown.splitlines() if line.startswith("| minilm")]
+    assert len(table) == 2 and "81.00 ± 1.41 (n=2)" in table[0]
+    assert "[~83.98" in table[0]  # MiniLM on QNLI stands in for BERT-base: the analogue's number, marked ~
+    assert open(tmp_path / "report.md").read() in markdown
+    report_main([str(tmp_path), "--format", "latex", "--out", str(tmp_path)])
+    assert r"\begin{tabular}" in capsys.readouterr().out
+    pngs = glob.glob(str(tmp_path / "*.png"))
+    assert any("vs_params" in p for p in pngs) and any(os.path.basename(p).startswith("ranks_") for p in pngs)
+    for p in pngs:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_path, capsys):
+    # a preset runs as a sweep by itself (no -m); train.lr=1e30 makes two of the four jobs fail (NaN loss)
+    result = run_cli(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none",
+                      *TINY[1:], "allocator=uniform,frobenius_greedy", "budget=r1", "seed=0",
+                      "train.lr=1e-3,1e30", "train.warmup_ratio=0", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    assert result.returncode == 1  # some jobs failed
+    assert result.stderr.count("lorambo-run: error: loss became") == 2
+    finished = sorted(glob.glob(str(tmp_path / "sweep" / "*" / "metrics.json")))
+    assert len(finished) == 2  # the good jobs' results are kept
+    lost = os.path.dirname(finished[1])
+    shutil.rmtree(lost)  # a job that never ran (e.g. a lost cluster job)
+    rows = report_csv([tmp_path / "sweep"], tmp_path, capsys)
+    report_main([str(tmp_path / "sweep"), "--no-plots"])
+    out = capsys.readouterr().out
+    assert len(rows) == 1
+    missing = [line for line in out.splitlines() if line.startswith("missing:")]
+    assert len(missing) == 3
+    assert sum("failed: loss became" in line for line in missing) == 2
+    assert sum("not run" in line for line in missing) == 1
+    assert os.path.basename(lost).split("_")[0] in " ".join(line.split(" job ")[1][:3] for line in missing)
+
+
+def test_no_runs_is_one_line(tmp_path):
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-report"), str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("lorambo-report: error: no finished runs")
+    assert "Traceback" not in result.stderr
