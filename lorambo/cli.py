@@ -51,6 +51,11 @@ def _main(cfg: DictConfig) -> float | None:
     transformers.logging.set_verbosity_error()
     run_dir = HydraConfig.get().runtime.output_dir
     try:
+        if cfg.get("resume"):  # the killed run's own config, continued in its own folder
+            from lorambo.checkpoint import resume_config
+
+            cfg = resume_config(cfg.resume)
+            run_dir = cfg.resume
         metrics = run(cfg, run_dir)
     except (LoramboError, OmegaConfBaseException) as e:
         message = str(e.__cause__ or e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)

@@ -75,6 +75,10 @@ def _text_splits(task_cfg):
         with open(_check_file(task_cfg.path), encoding="utf-8") as f:
             articles = json.load(f)
         texts = [a["extract"] for _, a in sorted(articles.items()) if a.get("extract")]
+        if task_cfg.get("part"):  # disjoint halves of the articles: one to pretrain a base on, one to adapt on
+            order = np.random.default_rng(0).permutation(len(texts))
+            half = order[: len(texts) // 2] if task_cfg.part == "pretrain" else order[len(texts) // 2:]
+            texts = [texts[i] for i in sorted(half)]
         raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})})
     else:
         raise LoramboError(f"unknown task.source '{source}'")
@@ -226,6 +230,10 @@ def _image_task(task_cfg, model_cfg) -> TaskData:
         for split, prefix in {"train": "train", "validation": "t10k"}.items():
             images = _read_idx(f"{task_cfg.path}/{prefix}-images-idx3-ubyte.gz")
             labels = _read_idx(f"{task_cfg.path}/{prefix}-labels-idx1-ubyte.gz")
+            if task_cfg.get("classes"):  # a subset of the classes, relabelled 0..k-1 in the order given
+                keep = np.isin(labels, list(task_cfg.classes))
+                relabel = {c: i for i, c in enumerate(task_cfg.classes)}
+                images, labels = images[keep], np.array([relabel[int(c)] for c in labels[keep]], dtype=np.int64)
             if limits[split]:  # a fixed subset (seed 0), the same for every run
                 idx = np.random.default_rng(0).permutation(len(labels))[: limits[split]]
                 images, labels = images[idx], labels[idx]

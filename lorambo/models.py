@@ -41,7 +41,14 @@ def build_tokenizer(model_cfg):
 
 
 def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
-    """The base model, from the hub or a local path (`pretrained`), or from `hf_config` with no download."""
+    """The base model, from the hub or a local path (`pretrained`), from `hf_config` with no download, or
+    pretrained here first (`pretrain`, lorambo/pretrain.py)."""
+    if model_cfg.get("pretrain"):
+        from omegaconf import OmegaConf
+
+        from lorambo.pretrain import ensure_pretrained
+
+        model_cfg = OmegaConf.merge(model_cfg, {"pretrained": ensure_pretrained(model_cfg), "pretrain": None})
     if model_cfg.family == "vision":
         return _build_timm(model_cfg, task_cfg)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -39,6 +39,7 @@ MODEL_ANALOGUE = {  # paper -> {model here: model in the paper}
     "000": {"minilm": "bert", "small_gpt2_wiki": "gpt2", "small_resnet_fmnist": "resnet50"},
     "003": {"minilm": "roberta"},
 }
+BUDGET_ANALOGUE = {"0.444M": "12M", "0.889M": "24M", "2.18M": "6M", "4.36M": "12M"}  # same share of full rank
 TASK_ANALOGUE = {"rt_snippets": "sst2", "wiki_pairs": "qnli", "wiki_adapt": "wikitext103",
                  "fmnist_adapt": "imagenet1k"}
 

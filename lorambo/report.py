@@ -138,7 +138,8 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
     for (model, row, column), items in groups.items():
         values = [v for _, v in items]
         paper_model = paper_tables.MODEL_ANALOGUE[paper].get(model, model)
-        paper_column = (paper_tables.TASK_ANALOGUE.get(column[0], column[0]), *column[1:])
+        paper_column = (paper_tables.TASK_ANALOGUE.get(column[0], column[0]), column[1],
+                        *[paper_tables.BUDGET_ANALOGUE.get(b, b) for b in column[2:]])
         reference = lookup(paper_model, row, paper_column)
         base = groups.get((model, baseline_row(row), column)) if baseline_row(row) else None
         base_values = [v for _, v in base] if base else []

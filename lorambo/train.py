@@ -13,14 +13,15 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lorambo.adapters import (adalora_effective_ranks, adapter_parameter_count, adapter_ranks,
-                              expected_parameter_count, wrap_adalora, wrap_lora)
+from lorambo import checkpoint
+from lorambo.adapters import (ADAPTER, adalora_effective_ranks, adapter_parameter_count, adapter_ranks,
+                              expected_parameter_count, lora_layers, wrap_adalora, wrap_lora)
 from lorambo.allocators import allocate, required_stats
 from lorambo.ard_lora import ArdLora, head_groups, true_parameter_count
 from lorambo.budget import budget_label, resolve_p_max
 from lorambo.data import load_task
 from lorambo.errors import LoramboError
-from lorambo.growth import OnlineGrowth, sync_peft_config
+from lorambo.growth import OnlineGrowth, grow_rank, sync_peft_config
 from lorambo.metrics import perplexity, task_metrics
 from lorambo.models import (adaptable_layers, build_model, build_tokenizer, check_model_fits_task,
                             head_parameters)
@@ -128,12 +129,13 @@ def run(cfg, run_dir: str) -> dict:
     )
     set_seed(cfg.seed)
     reset_peak_memory(accelerator.device)
+    resumed, resumed_rng = checkpoint.load(run_dir, accelerator.process_index) if cfg.get("resume") else (None, None)
 
     # --- data, base model, layers, ranks, adapter
     tokenizer = build_tokenizer(cfg.model)
     data = load_task(cfg.task, cfg.model, tokenizer)
     model = build_model(cfg.model, cfg.task, tokenizer)
-    if not cfg.model.pretrained and accelerator.is_main_process:
+    if not cfg.model.pretrained and not cfg.model.get("pretrain") and accelerator.is_main_process:
         save_base_model(model, cfg.model, run_dir)  # a config-built base is random: keep it for reloading
     layers = adaptable_layers(model, cfg.model.target_modules)
     head = head_parameters(model, cfg.model.head_modules)
@@ -162,18 +164,25 @@ def run(cfg, run_dir: str) -> dict:
         ard = ArdLora(model, layers, groups, r0, p_max, cfg.allocator)
     else:
         p_max = resolve_p_max(cfg.budget, layers)
-        ranks, stats, sensitivity_seconds = allocate_ranks(cfg, model, layers, p_max, data, accelerator, run_dir)
+        if resumed is None:
+            ranks, stats, sensitivity_seconds = allocate_ranks(cfg, model, layers, p_max, data, accelerator, run_dir)
+        else:  # the allocation the run started with; growth since then is restored below
+            ranks, stats, sensitivity_seconds = (resumed["initial_ranks"], resumed["stats"],
+                                                 resumed["sensitivity_seconds"])
         use_dora = bool(cfg.allocator.get("dora", False))
         model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora, use_dora)
         if adapter_parameter_count(model) != expected_parameter_count(ranks, layers, use_dora):
             raise RuntimeError("adapter tensors do not hold sum r_i c_i parameters")
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and resumed is None:
             write_json_atomic(os.path.join(run_dir, "allocation.json"),
                               {"allocator": cfg.allocator.name, "p_max": p_max, "ranks": ranks})
         if cfg.allocator.name == "hessian_online" and not cfg.allocator.get("from_run"):
             growth = OnlineGrowth(layers, p_max, stats["hessian_trace"], cfg.allocator, run_dir)
-            if accelerator.is_main_process:
+            if accelerator.is_main_process and resumed is None:
                 growth.record(0, ranks)
+    initial_ranks = {} if full_ft or adalora or ard else ranks
+    if resumed is not None:
+        restore_training_tensors(model, layers, resumed, growth, ard, adalora, full_ft)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # --- optimisation
@@ -189,6 +198,9 @@ def run(cfg, run_dir: str) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if logger != "none":
@@ -204,14 +216,30 @@ def run(cfg, run_dir: str) -> dict:
 
     # --- training loop
     step, epoch, step_times, interval_loss, interval_batches = 0, 0, [], 0.0, 0
+    batch_in_epoch, train_seconds_before = 0, 0.0
+    if resumed is not None:
+        step, epoch, batch_in_epoch = resumed["step"], resumed["epoch"], resumed["batch_in_epoch"]
+        step_times, train_seconds_before = resumed["step_times"], resumed["train_seconds"]
+        interval_loss, interval_batches = resumed["interval"]
+        if projection_ranks is not None:
+            projection_ranks.sums, projection_ranks.count = resumed["projection_ranks"]
+        if accelerator.is_main_process:  # what a killed run logged after its checkpoint is logged again
+            for name in ("metrics_log.jsonl", "rank_history.jsonl"):
+                checkpoint.truncate_jsonl(os.path.join(run_dir, name), step)
+        checkpoint.restore_rng(resumed_rng)
+    checkpoint_every = cfg.train.get("checkpoint_every") or 0
     t_train = time.perf_counter()
     t_interval = t_train
     # a context manager, so the bar is closed before any error line is printed
-    with tqdm(total=steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True) as progress:
+    with tqdm(total=steps, initial=step, desc="train", disable=not accelerator.is_main_process,
+              dynamic_ncols=True) as progress:
         set_train_mode(model, not full_ft)
         while step < steps:
             train_loader.set_epoch(epoch)
-            for batch in train_loader:
+            # a resumed run continues mid-epoch: the same shuffled order, without the batches already seen
+            loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
+            for batch in loader:
+                batch_in_epoch += 1
                 t_step = time.perf_counter()
                 measuring = growth is not None and accelerator.sync_gradients and growth.due(step + 1)
                 with growth.measuring(accelerator.unwrap_model(model)) if measuring else nullcontext():
@@ -248,10 +276,24 @@ def run(cfg, run_dir: str) -> dict:
                     log({f"eval/{k}": v for k, v in evaluate_all(model, eval_loaders, cfg.task, accelerator).items()},
                         step)
                     set_train_mode(model, not full_ft)
+                if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                    unwrapped = accelerator.unwrap_model(model)
+                    checkpoint.save(run_dir, {
+                        "config": resolved, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                        "initial_ranks": initial_ranks, "sensitivity_seconds": sensitivity_seconds,
+                        "stats": {"hessian_trace": stats["hessian_trace"]} if growth is not None else {},
+                        "tensors": training_tensors(unwrapped, full_ft, ard, adalora, growth),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "step_times": step_times, "interval": (float(interval_loss), interval_batches),
+                        "train_seconds": train_seconds_before + time.perf_counter() - t_train,
+                        "projection_ranks": (projection_ranks.sums, projection_ranks.count)
+                        if projection_ranks is not None else None,
+                    }, accelerator)
                 if step >= steps:
                     break
-            epoch += 1
-    train_seconds = time.perf_counter() - t_train
+            if step < steps:
+                epoch, batch_in_epoch = epoch + 1, 0
+    train_seconds = train_seconds_before + time.perf_counter() - t_train
 
     # --- evaluation, counts, saving
     if ard is not None:
@@ -289,6 +331,7 @@ def run(cfg, run_dir: str) -> dict:
         "eval_seconds": eval_seconds,
         "step_seconds_median": statistics.median(step_times),
         "steps": step,
+        "resumed_from_step": resumed["step"] if resumed is not None else None,
         "lr": cfg.train.lr,
         "ranks": final_ranks,
     }
@@ -322,8 +365,56 @@ def run(cfg, run_dir: str) -> dict:
         log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}, step)
         accelerator.log({f"rank/{name}": r for name, r in metrics["ranks"].items()}, step=step)
         write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)  # last: its presence means complete
+    accelerator.wait_for_everyone()
+    if checkpoint_every and not cfg.train.get("keep_checkpoint") and accelerator.is_main_process:
+        checkpoint.remove(run_dir)  # the run is complete: metrics, adapter and logs hold everything
     accelerator.end_training()
     return metrics
+
+
+def training_tensors(model, full_ft: bool, ard, adalora: bool, growth) -> dict:
+    """What a checkpoint holds of the model and the method: trainable tensors (full FT: the whole state, with
+    buffers), the LoRA ranks they have, ARD-LoRA's scales, AdaLoRA's importance scores, growth's progress."""
+    tensors = {"model": {n: t.detach().cpu().clone() for n, t in model.state_dict().items()} if full_ft else
+               {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}}
+    if not full_ft and not adalora:  # AdaLoRA masks instead: its tensors keep their shapes
+        tensors["ranks"] = adapter_ranks(model)
+    if ard is not None:
+        tensors["ard"] = [p.detach().cpu().clone() for p in ard.parameters()]
+    if adalora:
+        allocator = model.base_model.rankallocator
+        tensors["adalora"] = {k: getattr(allocator, k) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+        tensors["adalora_rank_pattern"] = model.peft_config[ADAPTER].rank_pattern
+    if growth is not None:
+        tensors["growth_events_left"] = growth.events_left
+    return tensors
+
+
+def restore_training_tensors(model, layers, resumed, growth, ard, adalora: bool, full_ft: bool) -> None:
+    """Put a checkpoint's tensors back into a freshly built model: LoRA layers first grown to the ranks they
+    had (growth keeps each layer's scale from its starting rank, so they are wrapped at that and grown)."""
+    tensors = resumed["tensors"]
+    if not full_ft and not adalora:
+        specs = {l.name: l for l in layers}
+        for name, layer in lora_layers(model).items():
+            extra = tensors["ranks"][name] - int(layer.r[ADAPTER])
+            if extra > 0:
+                grow_rank(layer, torch.zeros(extra, specs[name].d_in), None)
+    missing, unexpected = model.load_state_dict(tensors["model"], strict=False)
+    if unexpected or (full_ft and missing):
+        raise LoramboError(f"checkpoint does not fit this model ({(unexpected or missing)[0]}, ...); "
+                           f"resume a run with its own config")
+    if ard is not None:
+        with torch.no_grad():
+            for p, value in zip(ard.parameters(), tensors["ard"]):
+                p.copy_(value)
+    if adalora:
+        allocator = model.base_model.rankallocator
+        for k, v in tensors["adalora"].items():
+            setattr(allocator, k, v)
+        model.peft_config[ADAPTER].rank_pattern = tensors["adalora_rank_pattern"]
+    if growth is not None:
+        growth.events_left = tensors["growth_events_left"]
 
 
 def reported_metrics(task_cfg, splits: list[str]) -> list[str]:
@@ -388,7 +479,7 @@ def allocate_ranks(cfg, model, layers, p_max, data, accelerator, run_dir) -> tup
     required = required_stats(cfg.allocator.name, **options)
     if required:
         start = time.perf_counter()
-        batches = estimation_batches(data, cfg, accelerator.device)
+        batches = estimation_batches(data, cfg, accelerator.device, accelerator.num_processes)
         stats = estimate(required, model.to(accelerator.device), layers, batches,
                          lambda m, b: forward(m, b, cfg.task.type)[0], cfg.sensitivity, cfg.seed)
         seconds = time.perf_counter() - start
@@ -424,11 +515,13 @@ def ranks_from_run(path: str, layers, p_max: int) -> dict[str, int]:
     return ranks
 
 
-def estimation_batches(data, cfg, device) -> list[dict]:
-    """The first batches of a separately seeded shuffle of the training split, for sensitivity estimation."""
+def estimation_batches(data, cfg, device, num_processes: int = 1) -> list[dict]:
+    """The first batches of a separately seeded shuffle of the training split, for sensitivity estimation.
+    Batches of the global batch size, the same in every process: N processes allocate as one process would."""
     s = cfg.sensitivity
     n = max(s.gradient_batches, s.hessian_batches, s.covariance_batches)
-    loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=data.collate_fn,
+    loader = DataLoader(data.train, batch_size=cfg.train.batch_size * num_processes, shuffle=True,
+                        collate_fn=data.collate_fn,
                         generator=torch.Generator().manual_seed(cfg.seed + 1))
     return [{k: v.to(device) for k, v in batch.items()} for _, batch in zip(range(n), loader)]
 

@@ -75,6 +75,16 @@ class AdaRankGrad(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.generator = torch.Generator().manual_seed(seed)
 
+    # the range finder's random stream is part of the state: a resumed run draws the same sketches
+    def state_dict(self):
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        if "generator" in state_dict:
+            self.generator.set_state(state_dict.pop("generator"))
+        super().load_state_dict(state_dict)
+
     # --- subspace selection (Block 1) and moment transfer (Block 2)
     def _select(self, G: torch.Tensor, group) -> tuple[torch.Tensor | None, int]:
         """Q (None: identity, plain Adam) and rank for the gradient matrix G (oriented so Q acts on its rows)."""

@@ -1,0 +1,93 @@
+"""Checkpoints every `train.checkpoint_every` steps, and `resume=RUN_DIR` continuing from the last one.
+
+A checkpoint holds everything the next step depends on: the trainable tensors (and the ranks they have, after
+online growth), optimizer and scheduler state, the method's own state (growth, ARD-LoRA scales, AdaLoRA's
+importance scores), the step and the position in the epoch, timings so far, and every RNG. One file per run
+(`checkpoint.pt`, replaced atomically) plus one RNG file per process.
+"""
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from lorambo.errors import LoramboError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def rng_path(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, f"checkpoint_rng_{rank}.pt")
+
+
+def save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: str, state: dict, accelerator) -> None:
+    """Each process writes its RNG first, then (after all have) the main process the shared state: a
+    checkpoint.pt on disk always has its RNG files beside it."""
+    save_atomic(capture_rng(), rng_path(run_dir, accelerator.process_index))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_atomic(state, os.path.join(run_dir, CHECKPOINT))
+
+
+def load(run_dir: str, process_index: int) -> tuple[dict, dict]:
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        raise LoramboError(f"no checkpoint in '{run_dir}'; resume= needs a run folder that was started with "
+                           f"train.checkpoint_every > 0 and has not finished")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    rng_file = rng_path(run_dir, process_index)
+    if not os.path.exists(rng_file):
+        raise LoramboError(f"checkpoint in '{run_dir}' has no RNG state for process {process_index}; "
+                           f"resume with the number of processes the run had")
+    return state, torch.load(rng_file, weights_only=False)
+
+
+def remove(run_dir: str) -> None:
+    for name in os.listdir(run_dir):
+        if name == CHECKPOINT or name.startswith("checkpoint_rng_"):
+            os.remove(os.path.join(run_dir, name))
+
+
+def resume_config(run_dir: str):
+    """The config a run to be resumed was started with (saved in its checkpoint), pointing at that run."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isdir(run_dir) or not os.path.exists(path):
+        raise LoramboError(f"no checkpoint in '{run_dir}'; resume= needs a run folder that was started with "
+                           f"train.checkpoint_every > 0 and has not finished")
+    cfg = OmegaConf.create(torch.load(path, map_location="cpu", weights_only=False)["config"])
+    cfg.resume = run_dir
+    return cfg
+
+
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop the records a killed run wrote after its last checkpoint (they will be written again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)

@@ -1,0 +1,62 @@
+"""Bases pretrained here for the CPU tables: disjoint pretraining and adaptation data, a pretraining run done
+once and cached, and the adapted model starting from those weights."""
+
+import os
+
+import numpy as np
+import torch
+
+from lorambo.config import compose_config
+from lorambo.data import _text_splits, load_task
+from lorambo.models import build_model, build_tokenizer
+from lorambo.pretrain import base_path
+from tests.helpers import run_cli
+
+SMALL = ["model=small_gpt2_wiki", "task=wiki_adapt", "++model.hf_config.n_layer=1", "++model.hf_config.n_embd=32",
+         "++model.hf_config.n_head=2",
+         "model.pretrain.overrides=[task=wiki_pretrain,train.max_steps=3,task.max_train_samples=64,"
+         "task.max_eval_samples=16,seed=0]"]
+
+
+def test_pretraining_and_adaptation_halves_are_disjoint():
+    texts = {}
+    for task in ("wiki_pretrain", "wiki_adapt", "wiki_summaries"):
+        raw = _text_splits(compose_config([f"task={task}"]).task)
+        texts[task] = set(raw["train"]["text"]) | set(raw["validation"]["text"])
+    assert not texts["wiki_pretrain"] & texts["wiki_adapt"]
+    assert texts["wiki_pretrain"] | texts["wiki_adapt"] == texts["wiki_summaries"]
+
+
+def test_fashion_mnist_class_split_relabels():
+    cfg = compose_config(["model=small_resnet_fmnist", "task=fmnist_adapt"])
+    data = load_task(cfg.task, cfg.model, None)
+    labels = np.array(data.train.labels)
+    assert sorted(set(labels.tolist())) == [0, 1, 2, 3, 4] and len(labels) == 30000  # 6,000 per class
+    # relabelled in order: new 0 is the old class 5 (sandal): the same images as the full set's class 5
+    full = load_task(compose_config(["task=fashion_mnist"]).task, cfg.model, None)
+    old = np.array(full.train.labels)
+    assert np.array_equal(data.train.images[labels == 0], full.train.images[old == 5])
+
+
+def test_base_is_pretrained_once_cached_and_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMBO_CACHE", str(tmp_path / "cache"))
+    args = [*SMALL, "logger=none", "train.max_steps=2", "task.max_train_samples=64", "task.max_eval_samples=16"]
+    first = run_cli([*args, "hydra.run.dir=first"], cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "pretraining the base small_gpt2_wiki once" in first.stderr
+    second = run_cli([*args, "hydra.run.dir=second"], cwd=tmp_path, timeout=900)
+    assert second.returncode == 0 and "pretraining the base" not in second.stderr  # cached
+    cfg = compose_config(SMALL)
+    base = base_path(cfg.model)
+    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(base), os.path.basename(base) + ".lock"]
+    # the adapted model starts from the pretrained weights, not from a fresh initialisation
+    tokenizer = build_tokenizer(cfg.model)
+    loaded = build_model(cfg.model, cfg.task, tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(base, "model"))
+    torch.manual_seed(123)
+    fresh = build_model(compose_config([*SMALL, "model.pretrain=null"]).model, cfg.task, tokenizer)
+    name = "transformer.h.0.attn.c_attn.weight"
+    weight = lambda m: dict(m.named_parameters())[name]
+    assert torch.equal(weight(loaded), weight(saved)) and not torch.equal(weight(loaded), weight(fresh))

@@ -1,0 +1,94 @@
+"""Checkpoints and resume: a run continued from a checkpoint ends exactly as the uninterrupted run."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lorambo.checkpoint import resume_config
+from lorambo.train import run
+from tests.helpers import run_in_process
+
+TINY = ["experiment=smoke", "task.max_train_samples=64", "task.max_eval_samples=32", "train.max_steps=10",
+        "train.checkpoint_every=3", "train.keep_checkpoint=true", "train.log_every=1"]
+METHODS = {
+    "uniform": ["budget=r4"],
+    "hessian_online": ["allocator=hessian_online", "allocator.grow_every=4", "allocator.growth_events=2"],
+    "adarankgrad": ["allocator=full_ft", "optimizer=adarankgrad", "optimizer.min_gap=2", "optimizer.max_gap=4"],
+    "ard_lora": ["allocator=ard_lora", "budget=r4"],
+    "adalora": ["allocator=adalora", "budget=r4", "allocator.delta_t=2"],
+    "dora": ["allocator=dora", "budget=r4"],
+    "resnet_full_ft": ["model=tiny_resnet", "task=fashion_mnist", "allocator=full_ft"],
+}
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics_log.jsonl")) as f:
+        records = [(r["step"], r["train/loss"]) for r in map(json.loads, f) if "train/loss" in r]
+    assert len(records) == len(dict(records))  # each step logged once
+    return dict(records)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resumed_run_ends_as_the_uninterrupted_one(method, tmp_path):
+    """10 steps over 4-batch epochs, checkpoints at 3, 6, 9 (the last mid-epoch); resuming from step 9
+    in a copy of the folder replays step 10 and the evaluation."""
+    whole = tmp_path / "whole"
+    expected = run_in_process([*TINY, *METHODS[method]], whole)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(whole, resumed_dir)
+    os.remove(resumed_dir / "metrics.json")
+    cfg = resume_config(str(resumed_dir))
+    got = run(cfg, str(resumed_dir))
+    assert got["resumed_from_step"] == 9 and got["steps"] == 10
+    assert got["ranks"] == expected["ranks"]
+    assert got[expected["main_metric"]] == pytest.approx(expected[expected["main_metric"]], abs=1e-6)
+    assert got["adapter_params"] == expected["adapter_params"]
+    assert losses(resumed_dir) == pytest.approx(losses(whole), abs=1e-6)
+    assert not glob.glob(str(whole / "checkpoint*")) or os.path.exists(whole / "checkpoint.pt")
+
+
+def test_checkpoint_removed_when_the_run_completes(tmp_path):
+    run_in_process([*TINY[:-2], "train.log_every=1"], tmp_path)
+    assert not glob.glob(str(tmp_path / "checkpoint*"))
+
+
+def cli(args, cwd, **kw):
+    exe = os.path.join(os.path.dirname(sys.executable), "lorambo-run")
+    return subprocess.Popen([exe, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
+    args = ["experiment=smoke", "train.max_steps=300", "train.checkpoint_every=20", "allocator=hessian_online",
+            "allocator.grow_every=60", "seed=3"]
+    whole = cli([*args, "hydra.run.dir=whole"], tmp_path)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:]
+    killed = cli([*args, "hydra.run.dir=killed"], tmp_path)
+    deadline = time.time() + 300
+    while not os.path.exists(tmp_path / "killed" / "checkpoint.pt") and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # a little past the checkpoint: the killed run has logged steps it will log again
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert not os.path.exists(tmp_path / "killed" / "metrics.json"), "the run finished before it was killed"
+    resumed = cli(["resume=killed"], tmp_path)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    a = json.load(open(tmp_path / "whole" / "metrics.json"))
+    b = json.load(open(tmp_path / "killed" / "metrics.json"))
+    assert b["resumed_from_step"] > 0
+    assert b["ranks"] == a["ranks"] and b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6)
+    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
+
+
+def test_resume_without_a_checkpoint_is_one_line(tmp_path):
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-run"), f"resume={tmp_path}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "lorambo-run: error: no checkpoint in" in result.stderr

@@ -1,0 +1,55 @@
+"""Beyond one process: data-parallel with torchrun (two CPU processes on gloo) and the cluster launcher
+(Hydra's submitit plugin, through its local executor)."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lorambo.config import CONF_DIR
+from tests.helpers import run_cli
+
+# no dropout anywhere, so one process and two differ only by the order of floating-point sums
+DETERMINISTIC = ["experiment=smoke", "lora.dropout=0", "++model.hf_config.hidden_dropout_prob=0",
+                 "++model.hf_config.attention_probs_dropout_prob=0", "train.max_steps=12",
+                 "allocator=hessian_online", "allocator.grow_every=4", "allocator.growth_events=2", "logger=none"]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one = run_cli([*DETERMINISTIC, "train.batch_size=16", "hydra.run.dir=one"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29531", "-m", "lorambo.cli",
+                          *DETERMINISTIC, "train.batch_size=8", "hydra.run.dir=two"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
+    allocation = lambda d: json.load(open(tmp_path / d / "allocation.json"))["ranks"]
+    assert allocation("one") == allocation("two")  # the same sensitivity estimate, the same initial ranks
+    assert a["ranks"] == b["ranks"]                 # and the same growth decisions
+    assert b["steps"] == a["steps"] == 12
+    assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1 / 128)  # at most one of 128 predictions flips
+    loss = lambda d: [r["train/loss"] for r in map(json.loads, open(tmp_path / d / "metrics_log.jsonl"))
+                      if "train/loss" in r]
+    assert loss("two") == pytest.approx(loss("one"), rel=1e-3)
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_sweep_through_submitit_local_executor(tmp_path):
+    result = run_cli(["-m", "experiment=smoke", "budget=r1,r4", "hydra/launcher=local", "hydra.sweep.dir=sweep"],
+                     cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.load(open(p)) for p in glob.glob(str(tmp_path / "sweep" / "*" / "metrics.json"))]
+    assert sorted(r["adapter_params"] for r in runs)[1] == 4 * sorted(r["adapter_params"] for r in runs)[0]
+    assert glob.glob(str(tmp_path / "sweep" / ".submitit" / "*" / "*_log.out"))  # ran as submitit jobs
