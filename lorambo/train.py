@@ -126,6 +126,9 @@ def run(cfg, run_dir: str) -> dict:
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=None if logger == "none" else "wandb",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # several processes without GPUs (torchrun on CPUs): accelerate runs them data-parallel on gloo only
+        # when told they are CPU processes; otherwise each would train alone
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
     )
     set_seed(cfg.seed)
     reset_peak_memory(accelerator.device)

@@ -14,8 +14,8 @@ from tests.helpers import run_cli
 
 SMALL = ["model=small_gpt2_wiki", "task=wiki_adapt", "++model.hf_config.n_layer=1", "++model.hf_config.n_embd=32",
          "++model.hf_config.n_head=2",
-         "model.pretrain.overrides=[task=wiki_pretrain,train.max_steps=3,task.max_train_samples=64,"
-         "task.max_eval_samples=16,seed=0]"]
+         "model.pretrain.overrides=['task=wiki_pretrain','train.max_steps=3','task.max_train_samples=64',"
+         "'task.max_eval_samples=16','seed=0']"]
 
 
 def test_pretraining_and_adaptation_halves_are_disjoint():
