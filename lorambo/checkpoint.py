@@ -15,8 +15,10 @@ import torch
 from omegaconf import OmegaConf
 
 from lorambo.errors import LoramboError
+from lorambo.results import write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
+CONFIG = "checkpoint_config.json"  # the run's resolved config, small: resume reads it without the tensors
 
 
 def rng_path(run_dir: str, rank: int) -> str:
@@ -44,21 +46,26 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: str, state: dict, accelerator) -> None:
-    """Each process writes its RNG first, then (after all have) the main process the shared state: a
-    checkpoint.pt on disk always has its RNG files beside it."""
+def save(run_dir: str, state: dict, config: dict, accelerator) -> None:
+    """Each process writes its RNG first, then (after all have) the main process the shared state and the
+    config: a checkpoint.pt on disk always has its RNG files and config beside it."""
     save_atomic(capture_rng(), rng_path(run_dir, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json_atomic(os.path.join(run_dir, CONFIG), config)
         save_atomic(state, os.path.join(run_dir, CHECKPOINT))
 
 
-def load(run_dir: str, process_index: int) -> tuple[dict, dict]:
+def checkpoint_file(run_dir: str) -> str:
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.exists(path):
         raise LoramboError(f"no checkpoint in '{run_dir}'; resume= needs a run folder that was started with "
                            f"train.checkpoint_every > 0 and has not finished")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    return path
+
+
+def load(run_dir: str, process_index: int) -> tuple[dict, dict]:
+    state = torch.load(checkpoint_file(run_dir), map_location="cpu", weights_only=False)
     rng_file = rng_path(run_dir, process_index)
     if not os.path.exists(rng_file):
         raise LoramboError(f"checkpoint in '{run_dir}' has no RNG state for process {process_index}; "
@@ -68,17 +75,15 @@ def load(run_dir: str, process_index: int) -> tuple[dict, dict]:
 
 def remove(run_dir: str) -> None:
     for name in os.listdir(run_dir):
-        if name == CHECKPOINT or name.startswith("checkpoint_rng_"):
+        if name in (CHECKPOINT, CONFIG) or name.startswith("checkpoint_rng_"):
             os.remove(os.path.join(run_dir, name))
 
 
 def resume_config(run_dir: str):
     """The config a run to be resumed was started with (saved in its checkpoint), pointing at that run."""
-    path = os.path.join(run_dir, CHECKPOINT)
-    if not os.path.isdir(run_dir) or not os.path.exists(path):
-        raise LoramboError(f"no checkpoint in '{run_dir}'; resume= needs a run folder that was started with "
-                           f"train.checkpoint_every > 0 and has not finished")
-    cfg = OmegaConf.create(torch.load(path, map_location="cpu", weights_only=False)["config"])
+    checkpoint_file(run_dir)
+    with open(os.path.join(run_dir, CONFIG)) as f:
+        cfg = OmegaConf.create(json.load(f))
     cfg.resume = run_dir
     return cfg
 

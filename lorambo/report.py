@@ -71,12 +71,13 @@ def missing_cells(sweep_dir: str) -> list[str]:
     with open(os.path.join(sweep_dir, "multirun.yaml")) as f:
         saved = yaml.safe_load(f)["hydra"]
     cells = sweep_cells(saved["sweeper"].get("params"), saved["overrides"]["task"])
+    constant = set.intersection(*map(set, cells))  # overrides every job shares say nothing about a cell
     lines = []
     for num, cell in enumerate(cells):
         folders = glob.glob(os.path.join(sweep_dir, f"{num}_*"))
         if any(os.path.exists(os.path.join(d, "metrics.json")) for d in folders):
             continue
-        varying = " ".join(o for o in cell if sum(o == c[i] for c in cells for i in range(len(c))) < len(cells))
+        varying = " ".join(o for o in cell if o not in constant)
         reason = "not run (sweep stopped or job lost)" if not folders else "no metrics.json (killed?)"
         for d in folders:
             if os.path.exists(os.path.join(d, "error.txt")):
@@ -145,7 +146,7 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
         base_values = [v for _, v in base] if base else []
         runs_here = [m for m, _ in items]
         cells.append({
-            "model": model, "row": row, "task": column[0], "metric": column[1],
+            "model": model, "row": row, "column": column, "task": column[0], "metric": column[1],
             "budget": column[2] if len(column) == 3 else (runs_here[0]["budget"] or "-"),
             "n": len(values), "mean": statistics.mean(values),
             "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
@@ -195,12 +196,8 @@ def format_cell(c: dict) -> str:
 
 def table_rows(cells: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The paper's layout: a row per (model, method), a column per task metric (and budget), memory last."""
-    columns = sorted({(c["task"], c["metric"], c["budget"]) if c["budget"].endswith("M") else (c["task"], c["metric"])
-                      for c in cells}, key=column_sort_key)
-    by_key = {}
-    for c in cells:
-        column = (c["task"], c["metric"], c["budget"]) if c["budget"].endswith("M") else (c["task"], c["metric"])
-        by_key[(c["model"], c["row"], column)] = c
+    columns = sorted({c["column"] for c in cells}, key=column_sort_key)
+    by_key = {(c["model"], c["row"], c["column"]): c for c in cells}
     rows = sorted({(c["model"], c["row"]) for c in cells}, key=lambda mr: (mr[0], row_sort_key(mr[1])))
     header = ["model", "method"] + [" ".join(col) for col in columns] + [
         "adapter MiB", "paper Mem", "optimizer MiB", "peak MiB", "step s", "eff. rank"]

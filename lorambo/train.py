@@ -282,7 +282,7 @@ def run(cfg, run_dir: str) -> dict:
                 if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                     unwrapped = accelerator.unwrap_model(model)
                     checkpoint.save(run_dir, {
-                        "config": resolved, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                         "initial_ranks": initial_ranks, "sensitivity_seconds": sensitivity_seconds,
                         "stats": {"hessian_trace": stats["hessian_trace"]} if growth is not None else {},
                         "tensors": training_tensors(unwrapped, full_ft, ard, adalora, growth),
@@ -291,7 +291,7 @@ def run(cfg, run_dir: str) -> dict:
                         "train_seconds": train_seconds_before + time.perf_counter() - t_train,
                         "projection_ranks": (projection_ranks.sums, projection_ranks.count)
                         if projection_ranks is not None else None,
-                    }, accelerator)
+                    }, resolved, accelerator)
                 if step >= steps:
                     break
             if step < steps:
