@@ -30,7 +30,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 bench: setup
-	$(PY) bench/peft_step_time.py
+	$(PY) bench/harness.py --json runs/bench.json
 
 clean:
 	rm -rf $(VENV) runs

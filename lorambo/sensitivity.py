@@ -4,6 +4,7 @@ Every estimator works on the adaptable weights W_i only (the rest of the model s
 does no work for it) and takes a `loss_fn(model, batch) -> loss`.
 """
 
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -54,18 +55,21 @@ def to_matrix_grad(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     return grad.t() if isinstance(module, Conv1D) else grad.reshape(grad.shape[0], -1)
 
 
-def gradient_sensitivity(model, layers, batches, loss_fn) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """s_i = mean_t ||grad_{W_i} L_t||_F^2, and the summed gradient (an early estimate of the update)."""
-    sq = {l.name: 0.0 for l in layers}
+def gradient_sensitivity(model, layers, batches, loss_fn, keep_sum: bool = True
+                         ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """s_i = mean_t ||grad_{W_i} L_t||_F^2, and (if keep_sum) the summed gradient, an early estimate of the
+    update; squared norms stay on the device until the end (no host sync per layer and batch)."""
+    sq = torch.zeros(len(layers), dtype=torch.float64)
     total = {}
     with only_weights_require_grad(model, layers) as weights:
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), weights)
-            for layer, g in zip(layers, grads):
-                sq[layer.name] += float(g.double().pow(2).sum())
-                g = to_matrix_grad(model.get_submodule(layer.name), g.detach())
-                total[layer.name] = total[layer.name] + g if layer.name in total else g.clone()
-    return {name: v / len(batches) for name, v in sq.items()}, total
+            sq = sq + torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads]).cpu()
+            if keep_sum:
+                for layer, g in zip(layers, grads):
+                    g = to_matrix_grad(model.get_submodule(layer.name), g.detach())
+                    total[layer.name] = total[layer.name] + g if layer.name in total else g.clone()
+    return {l.name: v / len(batches) for l, v in zip(layers, sq.tolist())}, total
 
 
 def hutchinson_trace(model, layers, batches, loss_fn, probes: int = 1, seed: int = 0) -> dict[str, float]:
@@ -116,14 +120,25 @@ def layer_inputs_as_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_covariances(model, layers, batches, forward_fn) -> dict[str, torch.Tensor]:
-    """G_i = E[x x^T] over the layer's input rows (float64), from forward passes over `batches`."""
+    """G_i = E[x x^T] over the layer's input rows (float64), from forward passes over `batches`. Layers fed the
+    same tensor (query, key and value) share one x^T x per batch instead of computing it once each."""
     sums, counts, handles = {}, {}, []
+    this_batch = {}  # (id(input), unfold geometry) -> (weak reference to the input, x^T x, rows)
 
     def hook(name, module):
+        geometry = ((module.kernel_size, module.dilation, module.padding, module.stride)
+                    if isinstance(module, nn.Conv2d) else None)
+
         def capture(_, inputs):
-            rows = layer_inputs_as_rows(module, inputs[0]).double()
-            sums[name] = sums.get(name, 0) + rows.t() @ rows
-            counts[name] = counts.get(name, 0) + rows.shape[0]
+            x = inputs[0]
+            key = (id(x), geometry)
+            cached = this_batch.get(key)
+            if cached is None or cached[0]() is not x:  # an id is only reused once its tensor is gone
+                rows = layer_inputs_as_rows(module, x).double()
+                cached = (weakref.ref(x), rows.t() @ rows, rows.shape[0])
+                this_batch[key] = cached
+            sums[name] = sums.get(name, 0) + cached[1]
+            counts[name] = counts.get(name, 0) + cached[2]
         return capture
 
     for layer in layers:
@@ -132,6 +147,7 @@ def activation_covariances(model, layers, batches, forward_fn) -> dict[str, torc
     try:
         for batch in batches:
             forward_fn(model, batch)
+            this_batch.clear()
     finally:
         for h in handles:
             h.remove()
@@ -155,9 +171,21 @@ def data_weighted_approximation(W: torch.Tensor, G: torch.Tensor, r: int) -> tor
     return (U[:, :r] * S[:r]) @ Vh[:r] @ psd_sqrt(G, inverse=True)
 
 
+def weighted_singular_values(W: torch.Tensor, G: torch.Tensor) -> np.ndarray:
+    """Singular values of W G^{1/2} (W: d_out x d_in), descending. For a wide W (d_out < d_in) they are the
+    square roots of the eigenvalues of W G W^T, a d_out x d_out matrix: G's square root, the costly part for
+    wide inputs, is never formed (accurate to about sqrt(eps) x the largest, far below what allocation uses)."""
+    W = W.double()
+    if W.shape[0] < W.shape[1]:
+        M = W @ G @ W.t()
+        eigenvalues = torch.linalg.eigvalsh((M + M.t()) / 2).clamp_min(0)
+        return eigenvalues.sqrt().flip(0).numpy()
+    return torch.linalg.svdvals(W @ psd_sqrt(G)).numpy()
+
+
 def weighted_spectra(model, layers, covariances) -> dict[str, np.ndarray]:
-    return {l.name: torch.linalg.svdvals(weight_matrix(model.get_submodule(l.name)).detach().double()
-                                         @ psd_sqrt(covariances[l.name])).numpy() for l in layers}
+    return {l.name: weighted_singular_values(weight_matrix(model.get_submodule(l.name)).detach(),
+                                             covariances[l.name]) for l in layers}
 
 
 def weight_spectra(model, layers) -> dict[str, np.ndarray]:
@@ -179,9 +207,11 @@ def estimate(required: set[str], model, layers, batches, loss_fn, settings, seed
     stats = {}
     try:
         if required & {"gradient", "update_spectra"}:
-            s, total = gradient_sensitivity(model, layers, batches[: settings.gradient_batches], loss_fn)
+            spectra = "update_spectra" in required
+            s, total = gradient_sensitivity(model, layers, batches[: settings.gradient_batches], loss_fn, spectra)
             stats["gradient"] = positive(s)
-            stats["update_spectra"] = {n: torch.linalg.svdvals(g.double()).numpy() for n, g in total.items()}
+            if spectra:
+                stats["update_spectra"] = {n: torch.linalg.svdvals(g.double()).numpy() for n, g in total.items()}
         if "hessian_trace" in required:
             trace = hutchinson_trace(model, layers, batches[: settings.hessian_batches], loss_fn,
                                      settings.hutchinson_probes, seed)

@@ -8,7 +8,7 @@ from torch import nn
 
 from lorambo.budget import LayerSpec
 from lorambo.sensitivity import (activation_covariances, data_weighted_approximation, gradient_sensitivity,
-                                 hessian_operator_norm, hutchinson_trace, psd_sqrt)
+                                 hessian_operator_norm, hutchinson_trace, psd_sqrt, weighted_singular_values)
 
 
 
@@ -70,6 +70,8 @@ def test_gradient_sensitivity_is_mean_squared_gradient_norm():
             grads.append(model.get_submodule(layer.name).weight.grad.clone())
         assert s[layer.name] == pytest.approx(sum(g.pow(2).sum().item() for g in grads) / len(grads), rel=1e-10)
         assert torch.allclose(total[layer.name], sum(grads))
+    s_only, no_sum = gradient_sensitivity(model, layers, batches, loss_fn, keep_sum=False)
+    assert s_only == s and no_sum == {}
 
 
 def test_activation_covariance_of_linear_and_conv_inputs():
@@ -114,3 +116,45 @@ def test_data_weighted_approximation_matches_weighted_least_squares(rank_deficie
         best = min(best, error(A @ B))
     assert error(X) <= best + 1e-8
     assert best == pytest.approx(error(X), rel=1e-6, abs=1e-10)
+
+
+class SharedInput(nn.Module):
+    """Three layers reading the same tensor (as query, key and value do) and one reading a fresh one."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 2)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        return self.out(self.q(h) * self.k(h)) + self.v(h)
+
+
+def test_layers_sharing_an_input_get_that_inputs_covariance():
+    torch.manual_seed(5)
+    model = SharedInput()
+    layers = [LayerSpec(n, 3 if n != "v" else 2, 4) for n in ("q", "k", "v")] + [LayerSpec("out", 2, 3)]
+    batches = [{"x": torch.randn(7, 4)}, {"x": torch.randn(5, 4)}]
+    G = activation_covariances(model, layers, batches, lambda m, b: m(b["x"]))
+    h = torch.tanh(torch.cat([b["x"] for b in batches]))
+    for name in ("q", "k", "v"):
+        assert torch.allclose(G[name], h.t() @ h / 12)
+    o = torch.cat([model.q(torch.tanh(b["x"])) * model.k(torch.tanh(b["x"])) for b in batches]).detach()
+    assert torch.allclose(G["out"], o.t() @ o / 12)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (8, 3), (5, 5)])
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_weighted_singular_values_match_the_svd_of_w_g_half(shape, rank_deficient):
+    torch.manual_seed(6)
+    d_out, d_in = shape
+    W = torch.randn(d_out, d_in)
+    L = torch.randn(d_in, d_in - 2 if rank_deficient else d_in)
+    G = L @ L.t() / L.shape[1]
+    expected = torch.linalg.svdvals(W @ psd_sqrt(G)).numpy()
+    got = weighted_singular_values(W, G)
+    assert got.shape == expected.shape
+    assert list(got) == sorted(got, reverse=True)
+    # the W G W^T route: sigma^2 to ~eps relative to the largest, so sigma to ~sqrt(eps) x the largest
+    assert abs(got - expected).max() <= 1e-7 * expected[0]

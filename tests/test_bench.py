@@ -1,0 +1,67 @@
+"""The benchmark harness (bench/harness.py): its FLOP count against torch's own counter, and that it runs and
+reports every goal row. No timing is asserted here; `make bench` measures."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("harness", os.path.join(ROOT, "bench", "harness.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lora_step_flop_count_matches_torch_flop_counter(harness):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorambo.adapters import wrap_lora
+    from lorambo.allocators import allocate
+    from lorambo.budget import resolve_p_max
+    from lorambo.models import adaptable_layers
+
+    cfg, model, batches = harness.setting(["budget=r8"], batch_size=4, n_batches=1)
+    layers = adaptable_layers(model, cfg.model.target_modules)
+    lora = wrap_lora(model, allocate("uniform", layers, resolve_p_max(cfg.budget, layers)),
+                     cfg.model.head_modules, cfg.lora)
+    lora.eval()  # no dropout: the counter sees the same matmuls either way
+    counter = FlopCounterMode(display=False)
+    with counter:
+        lora(**batches[0]).loss.backward()
+    counted = counter.get_total_flops()
+    ours = harness.encoder_step_flop(lora.base_model.model, batches[0])
+    # ours leaves out LoRA's factors and the head's weight gradients; torch's counter leaves out CPU attention
+    assert ours == pytest.approx(counted, rel=0.03)
+
+
+def test_harness_prints_every_goal_row_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--only",
+                           "allocation,grown_vs_direct", "--repeats", "2", "--steps", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == result
+    table = proc.stdout
+    assert "step: grown online / built at final ranks" in table
+    assert "allocation s, 100 layers" in table and "allocation s, 1000 layers" in table
+    ratio = result["grown_vs_direct"]["ratio"]
+    assert ratio["n"] == 2 and ratio["median"] > 0
+    assert set(result["allocation"]) == {f"{a}_{n}" for n in (100, 1000) for a in
+                                         ("uniform", "frobenius_greedy", "gradient", "hessian_offline",
+                                          "data_weighted")}
+
+
+def test_unknown_part_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--only", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown part nope" in proc.stderr
