@@ -198,7 +198,10 @@ def run(cfg, run_dir: str) -> dict:
     if ard is not None:  # the rank scales learn at their own rate, without weight decay
         optimizer.add_param_group({"params": ard.parameters(), "lr": cfg.allocator.alpha_lr, "weight_decay": 0.0})
     projection_ranks = ProjectionRanks(optimizer, model, layers, run_dir) if cfg.optimizer.name != "adamw" else None
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
+    # accelerate steps a prepared scheduler once per process at each optimizer step (it assumes a schedule
+    # written for one process), so the schedule is laid out in those units, as Hugging Face's own scripts do
+    n = accelerator.num_processes
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps) * n, steps * n)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
     if resumed is not None:
