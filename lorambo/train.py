@@ -268,7 +268,9 @@ def run(cfg, run_dir: str) -> dict:
                     projection_ranks.update(step, record=step % cfg.train.log_every == 0 or step == steps)
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == steps:
-                    mean_loss = float(interval_loss) / interval_batches
+                    # every process's share (all reach this line at the same step): the run's loss, and a
+                    # non-finite loss stops every process rather than leaving the others waiting
+                    mean_loss = float(accelerator.reduce(interval_loss, reduction="mean")) / interval_batches
                     if not math.isfinite(mean_loss):
                         raise LoramboError(f"loss became {mean_loss} by step {step}; lower train.lr "
                                            f"(now {cfg.train.lr:g}) or set train.mixed_precision=no")

@@ -30,8 +30,8 @@ def one_and_two(tmp_path_factory):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     load = lambda d, f: json.load(open(tmp_path / d / f))
-    lr = lambda d: [(r["step"], r["train/lr"]) for r in map(json.loads, open(tmp_path / d / "metrics_log.jsonl"))
-                    if "train/lr" in r]
+    lr = lambda d: [(r["step"], r["train/lr"], r["train/loss"])
+                    for r in map(json.loads, open(tmp_path / d / "metrics_log.jsonl")) if "train/lr" in r]
     return {d: (load(d, "metrics.json"), load(d, "allocation.json")["ranks"], lr(d)) for d in ("one", "two")}
 
 
@@ -43,12 +43,14 @@ def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
     assert b["p_max"] == a["p_max"]
 
 
-def test_two_processes_follow_the_same_learning_rate_schedule(one_and_two):
+def test_two_processes_follow_the_same_learning_rate_schedule_and_log_the_same_loss(one_and_two):
     # accelerate steps a prepared scheduler once per process: a schedule laid out for one process ran N times
     # too fast (it reached zero halfway through a two-process run)
     one, two = one_and_two["one"][2], one_and_two["two"][2]
-    assert len(one) >= 3 and [s for s, _ in one] == [s for s, _ in two]
-    assert [lr for _, lr in two] == pytest.approx([lr for _, lr in one], rel=1e-9)
+    assert len(one) >= 3 and [r[0] for r in one] == [r[0] for r in two]
+    assert [r[1] for r in two] == pytest.approx([r[1] for r in one], rel=1e-9)
+    # the logged loss is the mean over all processes' examples, not the main process's half
+    assert [r[2] for r in two] == pytest.approx([r[2] for r in one], rel=1e-4)
 
 
 def test_two_processes_grow_as_one(one_and_two):
