@@ -51,7 +51,8 @@ def load_run(run_dir: str) -> dict:
 
 
 def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
-    """(finished runs, lines about sweep cells without a result)."""
+    """(finished runs, lines about sweep cells without a result). A cell one sweep lost but another given
+    folder holds (a rerun of the same model, task, method and seed) is not missing."""
     runs, missing = [], []
     for path in paths:
         if not os.path.exists(path):
@@ -60,12 +61,40 @@ def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
             runs.append(load_run(os.path.dirname(metrics)))
         for sweep in sorted(glob.glob(os.path.join(path, "**", "multirun.yaml"), recursive=True)):
             missing += missing_cells(os.path.dirname(sweep))
-    return runs, missing
+    done = {run_identity(m) for m in runs} - {None}
+    return runs, [line for line, cell in missing if not done or cell_identity(cell) not in done]
 
 
-def missing_cells(sweep_dir: str) -> list[str]:
+# what does not change a run's result: where it logs, and whether it was resumed
+NOT_RESULT_KEYS = ("logger", "resume")
+
+
+def canonical_config(cfg: dict) -> str:
+    return json.dumps({k: v for k, v in cfg.items() if k not in NOT_RESULT_KEYS}, sort_keys=True, default=str)
+
+
+def run_identity(m: dict) -> str | None:
+    """The run's composed config (Hydra's .hydra/config.yaml), as text to compare."""
+    path = os.path.join(m["run_dir"], ".hydra", "config.yaml")
+    return canonical_config(yaml.safe_load(open(path))) if os.path.exists(path) else None
+
+
+def cell_identity(cell: list[str]) -> str | None:
+    """The config a sweep cell would have run, in run_identity's terms (None if it no longer composes)."""
+    from omegaconf import OmegaConf
+
+    from lorambo.config import compose_config
+
+    try:
+        cfg = compose_config([o for o in cell if not o.startswith("hydra")])
+    except Exception:  # a config renamed since the sweep ran: the cell stays listed as missing
+        return None
+    return canonical_config(OmegaConf.to_container(cfg, resolve=False))
+
+
+def missing_cells(sweep_dir: str) -> list[tuple[str, list[str]]]:
     """The jobs a sweep was asked to run (from its multirun.yaml) that left no metrics.json, with the reason
-    when the run folder says it (error.txt)."""
+    when the run folder says it (error.txt): (line, the job's overrides)."""
     from lorambo.config import sweep_cells
 
     with open(os.path.join(sweep_dir, "multirun.yaml")) as f:
@@ -82,7 +111,7 @@ def missing_cells(sweep_dir: str) -> list[str]:
         for d in folders:
             if os.path.exists(os.path.join(d, "error.txt")):
                 reason = "failed: " + open(os.path.join(d, "error.txt")).read().strip().splitlines()[0]
-        lines.append(f"missing: {sweep_dir} job {num} ({varying or ' '.join(cell)}): {reason}")
+        lines.append((f"missing: {sweep_dir} job {num} ({varying or ' '.join(cell)}): {reason}", cell))
     return lines
 
 

@@ -104,6 +104,7 @@ def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_pat
     finished = sorted(glob.glob(str(tmp_path / "sweep" / "*" / "metrics.json")))
     assert len(finished) == 2  # the good jobs' results are kept
     lost = os.path.dirname(finished[1])
+    lost_allocator = json.load(open(finished[1]))["allocator"]
     shutil.rmtree(lost)  # a job that never ran (e.g. a lost cluster job)
     rows = report_csv([tmp_path / "sweep"], tmp_path, capsys)
     report_main([str(tmp_path / "sweep"), "--no-plots"])
@@ -121,3 +122,12 @@ def test_no_runs_is_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("lorambo-report: error: no finished runs")
     assert "Traceback" not in result.stderr
+    # the lost job run again into its own folder (as a user reruns a lost cell): no longer missing
+    rerun = run_cli(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none", *TINY[1:],
+                     f"allocator={lost_allocator}", "budget=r1", "seed=0", "train.lr=1e-3", "train.warmup_ratio=0",
+                     "hydra.mode=RUN", "hydra.run.dir=rerun"], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    report_main([str(tmp_path / "sweep"), str(tmp_path / "rerun"), "--no-plots"])
+    out = capsys.readouterr().out
+    still = [line for line in out.splitlines() if line.startswith("missing:")]
+    assert len(still) == 2 and all("failed: loss became" in line for line in still)
