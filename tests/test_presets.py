@@ -28,6 +28,15 @@ def test_every_cell_of_every_preset_composes(preset):
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_online_growth_spends_its_budget_within_the_preset_steps(preset):
+    """A preset cut to few steps must let hessian_online hold all its growth events (else it ends under budget)."""
+    for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in preset_cells(preset)}:
+        cfg = compose_config(list(cell))
+        if cfg.allocator.name == "hessian_online" and cfg.train.max_steps:
+            assert cfg.allocator.growth_events * cfg.allocator.grow_every < cfg.train.max_steps, cell
+
+
 def axis(cells, key):
     return sorted({o.split("=", 1)[1] for c in cells for o in c if o.startswith(key + "=")})
 
