@@ -221,8 +221,60 @@ def sensitivity_share(args) -> dict:
     wall = load_seconds + steps * step["median"] + eval_seconds
     for name in ("gradient", "hutchinson", "covariance"):
         out[name]["percent_of_run"] = 100 * out[name]["median"] / wall
-    return {**out, "default_run_seconds": wall, "steps": steps, "step": step, "load_seconds": load_seconds,
-            "eval_seconds": eval_seconds, "settings": dict(s)}
+    torch.manual_seed(0)
+    growth = online_growth_cost(cfg, build_model(cfg.model, cfg.task, tokenizer), layers, batches, loss_fn)
+    growth["percent_of_run"] = 100 * growth["total_seconds"] / wall
+    return {**out, "growth": growth, "default_run_seconds": wall, "steps": steps, "step": step,
+            "load_seconds": load_seconds, "eval_seconds": eval_seconds, "settings": dict(s)}
+
+
+def online_growth_cost(cfg, base_model, layers, batches, loss_fn) -> dict:
+    """hessian_online's own work beyond its Hutchinson estimate, at the default settings: each growth event's
+    measuring step (its extra over a plain step on the same batch just before) and its decision + growth, for
+    all `growth_events` events."""
+    import tempfile
+
+    from accelerate import Accelerator
+
+    from lorambo.growth import OnlineGrowth
+
+    a = cfg.allocator if cfg.allocator.name == "hessian_online" else compose_config(
+        ["allocator=hessian_online"]).allocator
+    p_max = resolve_p_max(cfg.budget, layers)
+    trace = estimate({"hessian_trace"}, base_model, layers, batches, loss_fn, cfg.sensitivity, 0)["hessian_trace"]
+    ranks = allocate("hessian_online", layers, p_max, {"hessian_trace": trace}, start=a.start,
+                     start_rank=a.start_rank, offline_fraction=a.offline_fraction)
+    model = wrap_lora(copy.deepcopy(base_model), ranks, cfg.model.head_modules, cfg.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    accelerator = Accelerator(mixed_precision="no", cpu=True)
+    model.train()
+    measuring, plain, deciding = [], [], []
+
+    def step(batch):
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        growth = OnlineGrowth(layers, p_max, trace, a, run_dir)
+        for event in range(a.growth_events):
+            batch = batches[event % len(batches)]
+            step(batch)  # warm
+            start = time.perf_counter()
+            step(batch)
+            plain.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with growth.measuring(model):
+                step(batch)
+            measuring.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            growth.grow((event + 1) * a.grow_every, model, optimizer, accelerator)
+            deciding.append(time.perf_counter() - start)
+    extra = [max(0.0, m - p) for m, p in zip(measuring, plain)]
+    return {"events": a.growth_events, "measuring_step": spread(measuring), "plain_step": spread(plain),
+            "grow": spread(deciding),
+            "total_seconds": sum(extra) + sum(deciding)}
 
 
 def random_layers(n: int, rng) -> list[LayerSpec]:
@@ -365,6 +417,8 @@ def table_rows(r: dict) -> list[tuple[str, float, float | None, str]]:
                            ("covariance", "data covariance")):
             rows.append((f"{label}, % of default run ({s['default_run_seconds']:.0f} s)", s[key]["percent_of_run"],
                          100 * s[key]["iqr"] / s["default_run_seconds"], "<= 3"))
+        g = s["growth"]
+        rows.append((f"hessian_online's {g['events']} growth events, % of default run", g["percent_of_run"], None, ""))
     if "allocation" in r:
         for n in (100, 1000):
             slowest = max((k for k in r["allocation"] if k.endswith(f"_{n}")),

@@ -137,6 +137,25 @@ def residual(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return R
 
 
+def singular_values_and_right_vectors(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, Vh) of R = U S Vh, descending, from the eigendecomposition of the smaller Gram matrix (R R^T or
+    R^T R) instead of an SVD: several times faster for the wide layer gradients of a growth event, and exact
+    to about eps x sigma_max^2 / sigma_j^2 relative, far below what a growth decision tells apart (the
+    directions of negligible sigma_j are never grown: their benefit sigma_j^2 / 2h is negligible too)."""
+    d_out, d_in = R.shape
+    if d_out < d_in:
+        eigenvalues, U = torch.linalg.eigh(R @ R.t())
+        S = eigenvalues.clamp_min(0).sqrt().flip(0)
+        U = U.flip(1)
+        Vh = U.t() @ R  # rows sigma_j v_j^T: normalised (a row of a zero sigma_j stays a unit vector of noise)
+        Vh = Vh / Vh.norm(dim=1, keepdim=True).clamp_min(torch.finfo(R.dtype).tiny)
+    else:
+        eigenvalues, V = torch.linalg.eigh(R.t() @ R)
+        S = eigenvalues.clamp_min(0).sqrt().flip(0)
+        Vh = V.flip(1).t()
+    return S, Vh
+
+
 class OnlineGrowth:
     """Every `grow_every` steps (for `events` events), measure on that step, decide, and grow."""
 
@@ -175,7 +194,7 @@ class OnlineGrowth:
         for name in sorted(grads):
             G = accelerator.reduce(grads[name], reduction="mean")  # every process sees the same estimate
             A, B = factor_matrices(layers[name])
-            _, S, Vh = torch.linalg.svd(residual(G.double(), A.detach(), B.detach()), full_matrices=False)
+            S, Vh = singular_values_and_right_vectors(residual(G.double(), A.detach(), B.detach()))
             benefits[name] = marginal_benefits(S.cpu().numpy(), self.curvature[name])
             directions[name] = Vh
         if accelerator.is_main_process:

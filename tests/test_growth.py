@@ -13,7 +13,8 @@ from torch import nn
 
 import lorambo  # noqa: F401
 from lorambo.adapters import adapter_ranks, lora_layers, wrap_lora
-from lorambo.growth import GradientCapture, factor_matrices, grow_rank, residual, sync_peft_config
+from lorambo.growth import (GradientCapture, factor_matrices, grow_rank, residual, singular_values_and_right_vectors,
+                            sync_peft_config)
 from tests.helpers import run_in_process
 
 
@@ -128,6 +129,25 @@ def test_residual_is_orthogonal_to_the_adapter_subspaces():
     assert torch.allclose(B.double().t() @ R, torch.zeros(2, 9, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(residual(G, A, torch.zeros(7, 2)) @ A.double().t(), torch.zeros(7, 2, dtype=torch.float64),
                           atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6), (12, 12)])
+def test_gram_route_matches_the_svd(shape):
+    """The growth event's singular values and right vectors against torch.linalg.svd, on a residual with
+    the adapter's subspaces projected out (so some singular values are exactly zero)."""
+    torch.manual_seed(2)
+    d_out, d_in = shape
+    R = residual(torch.randn(d_out, d_in, dtype=torch.float64), torch.randn(2, d_in), torch.randn(d_out, 2))
+    S, Vh = singular_values_and_right_vectors(R)
+    _, S_ref, Vh_ref = torch.linalg.svd(R, full_matrices=False)
+    assert S.shape == S_ref.shape and Vh.shape == Vh_ref.shape
+    assert torch.allclose(S, S_ref, atol=1e-7 * float(S_ref[0]))
+    significant = int((S_ref > 1e-6 * S_ref[0]).sum())
+    assert significant == min(shape) - 2
+    # each significant right singular vector, up to sign (the values are distinct for a random matrix)
+    agreement = (Vh[:significant] * Vh_ref[:significant]).sum(1).abs()
+    assert torch.allclose(agreement, torch.ones(significant, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(Vh.norm(dim=1), torch.ones(len(Vh), dtype=torch.float64))
 
 
 def test_online_run_grows_within_budget_and_logs_history(tmp_path):
