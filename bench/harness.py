@@ -14,6 +14,7 @@ flop_rate.
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 
@@ -472,6 +473,7 @@ def main():
     text = json.dumps(result, default=float)
     print(text)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             f.write(text + "\n")
 
