@@ -59,17 +59,17 @@ def gradient_sensitivity(model, layers, batches, loss_fn, keep_sum: bool = True
                          ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """s_i = mean_t ||grad_{W_i} L_t||_F^2, and (if keep_sum) the summed gradient, an early estimate of the
     update; squared norms stay on the device until the end (no host sync per layer and batch)."""
-    sq = torch.zeros(len(layers), dtype=torch.float64)
+    sq = 0
     total = {}
     with only_weights_require_grad(model, layers) as weights:
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), weights)
-            sq = sq + torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads]).cpu()
+            sq = sq + torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads])
             if keep_sum:
                 for layer, g in zip(layers, grads):
                     g = to_matrix_grad(model.get_submodule(layer.name), g.detach())
                     total[layer.name] = total[layer.name] + g if layer.name in total else g.clone()
-    return {l.name: v / len(batches) for l, v in zip(layers, sq.tolist())}, total
+    return {l.name: v / len(batches) for l, v in zip(layers, sq.cpu().tolist())}, total
 
 
 def hutchinson_trace(model, layers, batches, loss_fn, probes: int = 1, seed: int = 0) -> dict[str, float]:
