@@ -231,14 +231,17 @@ def table_rows(cells: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["model", "method"] + [" ".join(col) for col in columns] + [
         "adapter MiB", "paper Mem", "optimizer MiB", "peak MiB", "step s", "eff. rank"]
     body = []
+    def across(here, key, fmt):
+        """One value if the row's cells agree, else each column's in order (budgets as columns differ)."""
+        values = list(dict.fromkeys("—" if c[key] is None else format(c[key], fmt) for c in here if c))
+        return " / ".join(values)
+
     for model, row in rows:
         here = [by_key.get((model, row, col)) for col in columns]
-        first = next(c for c in here if c is not None)
         body.append([model, row] + [format_cell(c) if c else "—" for c in here] + [
-            f"{first['adapter_mib']:.2f}",
-            "—" if first["paper_memory"] is None else f"{first['paper_memory']:g}",
-            f"{first['optimizer_mib']:.1f}", f"{first['peak_mib']:.0f}", f"{first['step_seconds']:.3f}",
-            "—" if first["effective_rank"] is None else f"{first['effective_rank']:.2f}"])
+            across(here, "adapter_mib", ".2f"), across(here, "paper_memory", "g"),
+            across(here, "optimizer_mib", ".1f"), across(here, "peak_mib", ".0f"),
+            across(here, "step_seconds", ".3f"), across(here, "effective_rank", ".2f")])
     return header, body
 
 

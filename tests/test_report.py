@@ -115,13 +115,6 @@ def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_pat
     assert sum("failed: loss became" in line for line in missing) == 2
     assert sum("not run" in line for line in missing) == 1
     assert os.path.basename(lost).split("_")[0] in " ".join(line.split(" job ")[1][:3] for line in missing)
-
-
-def test_no_runs_is_one_line(tmp_path):
-    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-report"), str(tmp_path)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.startswith("lorambo-report: error: no finished runs")
-    assert "Traceback" not in result.stderr
     # the lost job run again into its own folder (as a user reruns a lost cell): no longer missing
     rerun = run_cli(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none", *TINY[1:],
                      f"allocator={lost_allocator}", "budget=r1", "seed=0", "train.lr=1e-3", "train.warmup_ratio=0",
@@ -131,3 +124,21 @@ def test_no_runs_is_one_line(tmp_path):
     out = capsys.readouterr().out
     still = [line for line in out.splitlines() if line.startswith("missing:")]
     assert len(still) == 2 and all("failed: loss became" in line for line in still)
+
+
+def test_no_runs_is_one_line(tmp_path):
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-report"), str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("lorambo-report: error: no finished runs")
+    assert "Traceback" not in result.stderr
+
+
+def test_budgets_as_columns_show_each_budgets_memory(tmp_path, template, capsys):
+    fake_runs(tmp_path, template, "gpt2", {("uniform", "12M"): [0.80, 0.81], ("uniform", "24M"): [0.82, 0.83]})
+    for run in glob.glob(str(tmp_path / "*_24M_*" / "metrics.json")):  # the larger budget's adapter is larger
+        m = json.load(open(run))
+        m["adapter_mib"] = 2 * template["adapter_mib"]
+        json.dump(m, open(run, "w"))
+    report_main([str(tmp_path), "--no-plots"])
+    (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| gpt2 | uniform")]
+    assert f"| {template['adapter_mib']:.2f} / {2 * template['adapter_mib']:.2f} |" in line
