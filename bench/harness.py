@@ -29,10 +29,9 @@ from lorambo.config import compose_config
 from lorambo.data import load_task
 from lorambo.growth import grow_rank
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
-from lorambo.optimizers import AdaRankGrad, GaLore
 from lorambo.results import optimizer_state_bytes
 from lorambo.sensitivity import estimate
-from lorambo.train import evaluate, forward, train_step
+from lorambo.train import build_optimizer, evaluate, forward, train_step
 
 
 def spread(times: list[float]) -> dict:
@@ -68,24 +67,27 @@ def interleaved(steppers: dict, batches, repeats: int, samples_out: dict | None 
     return out
 
 
-def plain_stepper(model, lr: float = 1e-4, clip: float = 1.0):
-    """The loop a PEFT user writes: forward, backward, clip, AdamW step, linear schedule, zero."""
+def adamw_step(model, optimizer, params, clip: float = 1.0, scheduler=None):
+    """The step a PEFT user writes: forward, backward, clip `params()`, optimizer (and schedule) step, zero."""
+    def step(batch):
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params(), clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def plain_stepper(model, lr: float = 1e-4):
+    """A plain loop over a PEFT model: AdamW on its trainable parameters with a linear schedule."""
     from transformers import get_linear_schedule_with_warmup
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10**6)
     model.train()
-
-    def step(batch):
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return adamw_step(model, optimizer, lambda: trainable,
+                      scheduler=get_linear_schedule_with_warmup(optimizer, 0, 10**6))
 
 
 def lorambo_stepper(model, cfg):
@@ -153,24 +155,11 @@ def grown_vs_direct(args) -> dict:
     ranks = {n: l.lora_A["default"].weight.shape[0] for n, l in lora_layers(grown).items()}
     assert ranks == final, "growth did not reach the final ranks"
 
-    def grown_step(batch):  # the same optimizer object, carried through growth, as in a run
-        grown(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable_now(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def trainable_now():
-        return [p for g in optimizer.param_groups for p in g["params"]]
-
+    # the same optimizer object, carried through growth as in a run; it holds the grown tensors
+    grown_step = adamw_step(grown, optimizer, lambda: [p for g in optimizer.param_groups for p in g["params"]])
     direct_trainable = [p for p in direct.parameters() if p.requires_grad]
-    direct_optimizer = torch.optim.AdamW(direct_trainable, lr=1e-4)
     direct.train()
-
-    def direct_step(batch):
-        direct(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(direct_trainable, 1.0)
-        direct_optimizer.step()
-        direct_optimizer.zero_grad(set_to_none=True)
+    direct_step = adamw_step(direct, torch.optim.AdamW(direct_trainable, lr=1e-4), lambda: direct_trainable)
 
     times = interleaved({"grown": grown_step, "direct": direct_step}, batches, args.repeats)
     return times
@@ -252,10 +241,7 @@ def online_growth_cost(cfg, base_model, layers, batches, loss_fn) -> dict:
     model.train()
     measuring, plain, deciding = [], [], []
 
-    def step(batch):
-        loss_fn(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = adamw_step(model, optimizer, lambda: trainable)
 
     with tempfile.TemporaryDirectory() as run_dir:
         growth = OnlineGrowth(layers, p_max, trace, a, run_dir)
@@ -319,22 +305,12 @@ def full_ft_optimizers(args) -> dict:
         m = copy.deepcopy(model)
         m.train()
         params = list(m.parameters())
-        matrices = {id(m.get_submodule(l.name).weight) for l in layers}
-        groups = [{"params": [p for p in params if id(p) in matrices], "low_rank": True},
-                  {"params": [p for p in params if id(p) not in matrices]}]
-        if name == "adamw":
-            opt = torch.optim.AdamW(params, lr=5e-5)
-        elif name == "galore":
-            opt = GaLore(groups, lr=5e-5, rank=4, update_proj_gap=500, scale=4)
-        else:
-            opt = AdaRankGrad(groups, lr=5e-5, rank=4, scale=4)
+        opt = build_optimizer(compose_config(["allocator=full_ft", f"optimizer={name}"]), m, layers, params,
+                              full_ft=True)
         rank_means[name] = []
 
-        def step(batch, m=m, opt=opt, params=params, name=name):
-            m(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def step(batch, plain=adamw_step(m, opt, lambda params=params: params), opt=opt, name=name):
+            plain(batch)
             if name != "adamw":
                 rank_means[name].append(statistics.mean(opt.projection_ranks().values()))
 
