@@ -217,8 +217,9 @@ def format_cell(c: dict) -> str:
     if c["paper"] is not None:
         text += f" [{'~' if c['paper_is_analogue'] else ''}{c['paper']:.2f}, {c['diff_paper']:+.2f}]"
     if c["vs_uniform"] is not None:
-        mark = "" if c["p_vs_uniform"] is None else (f" p={c['p_vs_uniform']:.2f}" +
-                                                     ("*" if c["p_vs_uniform"] < 0.05 else ""))
+        p = c["p_vs_uniform"]
+        mark = "" if p is None else f" p={p:.2f}" if p >= 0.01 else f" p={p:.1g}"  # 0.005, not 0.00
+        mark += "*" if p is not None and p < 0.05 else ""
         text += f" Δu {c['vs_uniform']:+.2f}{mark}"
     return text
 
@@ -265,7 +266,8 @@ def render(cells: list[dict], fmt: str, missing: list[str], paper: str) -> str:
     legend = (f"Cells: mean ± sample std over seeds (n) in the paper's units; [paper {paper}'s number, ours minus "
               f"it] where the paper has the cell (~: the number of the model and task this CPU stand-in replaces); "
               f"Δu: difference from uniform LoRA at the same budget, p: Welch's t-test over seeds, "
-              f"*: p < 0.05 (beyond seed noise). adapter MiB: fp32 adapter tensors (full FT: the whole model).")
+              f"*: p < 0.05 (beyond seed noise). adapter MiB: fp32 adapter tensors (full FT: the whole model). "
+              f"a / b in the last columns: the value in each metric column, left to right, where they differ.")
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -284,12 +286,13 @@ def render(cells: list[dict], fmt: str, missing: list[str], paper: str) -> str:
 # --- plots
 
 def slug(*parts) -> str:
-    return "_".join(str(p).replace("/", "-").replace(".", "p") for p in parts if p)
+    return "_".join(str(p).replace("/", "-").replace(".", "p") for p in parts if p and p != "-")
 
 
 def plot_all(cells: list[dict], out_dir: str) -> list[str]:
-    """metric vs adapter parameters per allocator; ranks per layer per allocator (heat map); rank over
-    training for online methods (hessian_online's growth, GaLore/AdaRankGrad projections)."""
+    """metric vs adapter parameters per allocator; metric vs optimizer state per method (tables with full
+    fine-tuning rows: paper 003's memory trade-off); ranks per layer per allocator (heat map, unless every row is
+    one rank everywhere); rank over training where it changes (hessian_online's growth, AdaRankGrad)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,28 +301,39 @@ def plot_all(cells: list[dict], out_dir: str) -> list[str]:
 
     from lorambo.plots import plot_rank_history
 
-    written = []
-    for model, task, metric in sorted({(c["model"], c["task"], c["metric"]) for c in cells}):
-        here = [c for c in cells if (c["model"], c["task"], c["metric"]) == (model, task, metric)
-                and c["runs"][0]["allocator"] != "full_ft"]
-        if not here:
-            continue
+    def metric_plot(series, xlabel, name, model, task, metric):
+        """One line (or point) per series: (label, [(x, mean, std)]), log x."""
         fig, ax = plt.subplots(figsize=(6, 4))
-        for allocator in sorted({c["runs"][0]["allocator"] for c in here}):
-            points = sorted((c["adapter_params"], c["mean"], 0 if math.isnan(c["std"]) else c["std"])
-                            for c in here if c["runs"][0]["allocator"] == allocator)
-            x, y, err = zip(*points)
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=allocator)
+        for label, points in series:
+            x, y, err = zip(*sorted(points))
+            ax.errorbar(x, y, yerr=[0 if math.isnan(e) else e for e in err], marker="o", capsize=3, label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("adapter parameters")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
-        ax.set_title(f"{model} {task}: {metric} against adapter parameters")
+        ax.set_title(f"{model} {task}: {metric} against {xlabel}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, slug(metric, "vs_params", model, task) + ".png")
+        path = os.path.join(out_dir, slug(metric, name, model, task) + ".png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        written.append(path)
+        return path
+
+    written = []
+    for model, task, metric in sorted({(c["model"], c["task"], c["metric"]) for c in cells}):
+        here = sorted((c for c in cells if (c["model"], c["task"], c["metric"]) == (model, task, metric)),
+                      key=lambda c: row_sort_key(c["row"]))
+        adapters = [c for c in here if c["runs"][0]["allocator"] != "full_ft"]
+        if adapters:
+            written.append(metric_plot(
+                [(allocator, [(c["adapter_params"], c["mean"], c["std"]) for c in adapters
+                              if c["runs"][0]["allocator"] == allocator])
+                 for allocator in sorted({c["runs"][0]["allocator"] for c in adapters})],
+                "adapter parameters", "vs_params", model, task, metric))
+        if len(adapters) < len(here):  # full fine-tuning rows: every row by what its optimizer holds
+            written.append(metric_plot(
+                [(c["row"] if c["budget"] in ("-", c["row"].rsplit("_", 1)[-1]) else f"{c['row']} {c['budget']}",
+                  [(c["optimizer_mib"], c["mean"], c["std"])]) for c in here],
+                "optimizer state MiB", "vs_optimizer_state", model, task, metric))
 
     # heat maps: one per (model, task, budget); rows the allocators' seed-averaged ranks, columns the layers
     seen = set()
@@ -332,8 +346,8 @@ def plot_all(cells: list[dict], out_dir: str) -> list[str]:
         for d in cells:
             if (d["model"], d["task"], d["budget"]) == key and d["runs"][0].get("ranks"):
                 rows[d["row"]] = d["runs"]
-        if not rows:
-            continue
+        if not rows or all(len(set(m["ranks"].values())) == 1 for runs in rows.values() for m in runs):
+            continue  # nothing to see: every row is one rank on every layer
         layers = list(next(iter(rows.values()))[0]["ranks"])
         names = sorted(rows, key=row_sort_key)
         grid = np.array([[statistics.mean(m["ranks"].get(layer, 0) for m in rows[n]) for layer in layers]
@@ -361,6 +375,8 @@ def plot_all(cells: list[dict], out_dir: str) -> list[str]:
         done.add(key)
         with open(history_path) as f:
             history = [json.loads(line) for line in f]
+        if all(h["ranks"] == history[0]["ranks"] for h in history):
+            continue  # a fixed rank (GaLore): no history to draw
         layers = list(history[-1]["ranks"])
         path = os.path.join(out_dir, slug("rank_history", *key) + ".png")
         plot_rank_history(history, layers, path, f"{c['model']} {c['task']} {c['row']}: rank of every layer "

@@ -80,6 +80,10 @@ def test_cells_mean_std_paper_and_test_against_uniform(tmp_path, template, capsy
 
 def test_markdown_latex_and_plots(tmp_path, template, capsys):
     fake_runs(tmp_path, template, "minilm", {("uniform", "r4"): [0.8, 0.82], ("hessian_offline", "r4"): [0.81, 0.83]})
+    for path in glob.glob(str(tmp_path / "minilm_hessian_offline_*" / "metrics.json")):
+        m = json.load(open(path))
+        m["ranks"] = {name: 1 + i % 7 for i, name in enumerate(m["ranks"])}  # an uneven allocation to draw
+        json.dump(m, open(path, "w"))
     report_main([str(tmp_path), "--out", str(tmp_path)])
     markdown = capsys.readouterr().out
     table = [line for line in markdown.splitlines() if line.startswith("| minilm")]
@@ -92,6 +96,36 @@ def test_markdown_latex_and_plots(tmp_path, template, capsys):
     assert any("vs_params" in p for p in pngs) and any(os.path.basename(p).startswith("ranks_") for p in pngs)
     for p in pngs:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_for_a_memory_table_draw_optimizer_state_and_only_changing_ranks(tmp_path, template, capsys):
+    """Paper 003's rows: full FT, GaLore (fixed rank) and AdaRankGrad (rank changes), LoRA uniform r4."""
+    rows = {"full_ft": ("full_ft", "adamw", None, 600.0), "galore_r4": ("full_ft", "galore", 4, 300.0),
+            "adarankgrad_r4": ("full_ft", "adarankgrad", 4, 290.0), "lora_r4": ("uniform", "adamw", None, 5.0)}
+    for row, (allocator, optimizer, rank, state_mib) in rows.items():
+        for seed in range(2):
+            m = copy.deepcopy(template)
+            m.update(model="minilm", task="qnli", allocator=allocator, optimizer=optimizer, optimizer_rank=rank,
+                     budget=None if allocator == "full_ft" else "r4", seed=seed, accuracy=0.8 + 0.01 * seed,
+                     optimizer_state_bytes=int(state_mib * 2**20), reported_metrics=["accuracy"],
+                     main_metric="accuracy")
+            run_dir = tmp_path / f"{row}_s{seed}"
+            run_dir.mkdir()
+            json.dump(m, open(run_dir / "metrics.json", "w"))
+            if optimizer != "adamw":
+                changing = optimizer == "adarankgrad"
+                with open(run_dir / "rank_history.jsonl", "w") as f:
+                    for step in (10, 20, 30):
+                        r = 4 - (step // 10 - 1) * changing
+                        f.write(json.dumps({"step": step, "ranks": {"a": r, "b": 4}}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    report_main([str(tmp_path), "--out", str(out)])
+    capsys.readouterr()
+    pngs = sorted(os.path.basename(p) for p in glob.glob(str(out / "*.png")))
+    assert "accuracy_vs_optimizer_state_minilm_qnli.png" in pngs
+    assert [p for p in pngs if p.startswith("rank_history")] == ["rank_history_minilm_qnli_adarankgrad_r4.png"]
+    assert not [p for p in pngs if p.startswith("ranks_")]  # only uniform LoRA has per-layer ranks: one value
 
 
 def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_path, capsys):
@@ -142,3 +176,11 @@ def test_budgets_as_columns_show_each_budgets_memory(tmp_path, template, capsys)
     report_main([str(tmp_path), "--no-plots"])
     (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| gpt2 | uniform")]
     assert f"| {template['adapter_mib']:.2f} / {2 * template['adapter_mib']:.2f} |" in line
+
+
+def test_small_p_values_keep_a_significant_digit():
+    from lorambo.report import format_cell
+    cell = {"mean": 73.55, "std": 0.64, "n": 2, "paper": None, "vs_uniform": -12.65}
+    assert format_cell({**cell, "p_vs_uniform": 0.004816}).endswith("Δu -12.65 p=0.005*")
+    assert format_cell({**cell, "p_vs_uniform": 0.2157}).endswith("Δu -12.65 p=0.22")
+    assert format_cell({**cell, "p_vs_uniform": None}).endswith("Δu -12.65")
