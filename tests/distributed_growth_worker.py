@@ -38,6 +38,10 @@ def main(out_dir):
                 "increments": increments,
                 "data_differs": not torch.equal(gathered[0], gathered[1])},
                f"{out_dir}/rank{accelerator.process_index}.pt")
+    # leave together and close the process group, as lorambo's training does: a process that exits while gloo's
+    # threads still serve the other one can abort ("terminate called without an active exception")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
