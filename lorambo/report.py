@@ -331,7 +331,7 @@ def plot_all(cells: list[dict], out_dir: str) -> list[str]:
                 "adapter parameters", "vs_params", model, task, metric))
         if len(adapters) < len(here):  # full fine-tuning rows: every row by what its optimizer holds
             written.append(metric_plot(
-                [(c["row"] if c["budget"] in ("-", c["row"].rsplit("_", 1)[-1]) else f"{c['row']} {c['budget']}",
+                [(f"{c['row']} {c['budget']}" if c["budget"].endswith("M") else c["row"],  # as row_key names rows
                   [(c["optimizer_mib"], c["mean"], c["std"])]) for c in here],
                 "optimizer state MiB", "vs_optimizer_state", model, task, metric))
 
