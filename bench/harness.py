@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 import lorambo  # noqa: F401  (torchvision fix)
 from lorambo.adapters import lora_layers, wrap_lora
@@ -185,18 +186,20 @@ def sensitivity_share(args) -> dict:
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True,
                                          collate_fn=data.collate_fn, generator=torch.Generator().manual_seed(1))
     s = cfg.sensitivity
-    batches = [b for _, b in zip(range(max(s.gradient_batches, s.hessian_batches, s.covariance_batches)), loader)]
+    batches = [b for _, b in zip(range(max(s.gradient_batches, s.hessian_batches, s.covariance_batches,
+                                           s.fisher_batches)), loader)]
 
-    def loss_fn(m, b):
-        return forward(m, b, cfg.task.type)[0]
+    def output_fn(m, b):
+        return forward(m, b, cfg.task.type)
 
     out = {}
-    for name, stat in (("gradient", "gradient"), ("hutchinson", "hessian_trace"),
-                       ("covariance", "weighted_spectra")):
+    estimators = (("gradient", "gradient"), ("hutchinson", "hessian_trace"), ("fisher", "fisher_trace"),
+                  ("covariance", "weighted_spectra"))
+    for name, stat in estimators:
         runs = []
         for _ in range(args.sensitivity_repeats + 1):  # the first is warm-up
             start = time.perf_counter()
-            estimate({stat}, model, layers, batches, loss_fn, s, 0)
+            estimate({stat}, model, layers, batches, output_fn, s, 0, cfg.task.type)
             runs.append(time.perf_counter() - start)
         out[name] = spread(runs[1:])
     ranks = allocate("uniform", layers, resolve_p_max(cfg.budget, layers))
@@ -209,17 +212,17 @@ def sensitivity_share(args) -> dict:
     evaluate(lora, eval_loader, cfg.task, NoGather())
     eval_seconds = time.perf_counter() - start
     wall = load_seconds + steps * step["median"] + eval_seconds
-    for name in ("gradient", "hutchinson", "covariance"):
+    for name, _ in estimators:
         out[name]["percent_of_run"] = 100 * out[name]["median"] / wall
     torch.manual_seed(0)
-    growth = online_growth_cost(cfg, build_model(cfg.model, cfg.task, tokenizer), layers, batches, loss_fn)
+    growth = online_growth_cost(cfg, build_model(cfg.model, cfg.task, tokenizer), layers, batches, output_fn)
     growth["percent_of_run"] = 100 * growth["total_seconds"] / wall
     return {**out, "growth": growth, "default_run_seconds": wall, "steps": steps, "step": step,
             "load_seconds": load_seconds, "eval_seconds": eval_seconds, "settings": dict(s)}
 
 
-def online_growth_cost(cfg, base_model, layers, batches, loss_fn) -> dict:
-    """hessian_online's own work beyond its Hutchinson estimate, at the default settings: each growth event's
+def online_growth_cost(cfg, base_model, layers, batches, output_fn) -> dict:
+    """hessian_online's own work beyond its curvature estimate, at the default settings: each growth event's
     measuring step (its extra over a plain step on the same batch just before) and its decision + growth, for
     all `growth_events` events."""
     import tempfile
@@ -231,9 +234,9 @@ def online_growth_cost(cfg, base_model, layers, batches, loss_fn) -> dict:
     a = cfg.allocator if cfg.allocator.name == "hessian_online" else compose_config(
         ["allocator=hessian_online"]).allocator
     p_max = resolve_p_max(cfg.budget, layers)
-    trace = estimate({"hessian_trace"}, base_model, layers, batches, loss_fn, cfg.sensitivity, 0)["hessian_trace"]
-    ranks = allocate("hessian_online", layers, p_max, {"hessian_trace": trace}, start=a.start,
-                     start_rank=a.start_rank, offline_fraction=a.offline_fraction)
+    stats = estimate({a.curvature}, base_model, layers, batches, output_fn, cfg.sensitivity, 0, cfg.task.type)
+    ranks = allocate("hessian_online", layers, p_max, stats, start=a.start, start_rank=a.start_rank,
+                     offline_fraction=a.offline_fraction, curvature=a.curvature)
     model = wrap_lora(copy.deepcopy(base_model), ranks, cfg.model.head_modules, cfg.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -244,7 +247,8 @@ def online_growth_cost(cfg, base_model, layers, batches, loss_fn) -> dict:
     step = adamw_step(model, optimizer, lambda: trainable)
 
     with tempfile.TemporaryDirectory() as run_dir:
-        growth = OnlineGrowth(layers, p_max, trace, a, run_dir)
+        options = OmegaConf.merge(a, {"grow_every": 1})  # one event per measured step here
+        growth = OnlineGrowth(layers, p_max, stats[f"{a.curvature}_raw"], options, run_dir, a.growth_events)
         for event in range(a.growth_events):
             batch = batches[event % len(batches)]
             step(batch)  # warm
@@ -256,7 +260,7 @@ def online_growth_cost(cfg, base_model, layers, batches, loss_fn) -> dict:
                 step(batch)
             measuring.append(time.perf_counter() - start)
             start = time.perf_counter()
-            growth.grow((event + 1) * a.grow_every, model, optimizer, accelerator)
+            growth.grow(event + 1, model, optimizer, accelerator)
             deciding.append(time.perf_counter() - start)
     extra = [max(0.0, m - p) for m, p in zip(measuring, plain)]
     return {"events": a.growth_events, "measuring_step": spread(measuring), "plain_step": spread(plain),
@@ -391,7 +395,7 @@ def table_rows(r: dict) -> list[tuple[str, float, float | None, str]]:
     if "sensitivity" in r:
         s = r["sensitivity"]
         for key, label in (("gradient", "gradient"), ("hutchinson", "Hutchinson trace"),
-                           ("covariance", "data covariance")):
+                           ("fisher", "Fisher / Gauss-Newton trace"), ("covariance", "data covariance")):
             rows.append((f"{label}, % of default run ({s['default_run_seconds']:.0f} s)", s[key]["percent_of_run"],
                          100 * s[key]["iqr"] / s["default_run_seconds"], "<= 3"))
         g = s["growth"]

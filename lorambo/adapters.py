@@ -5,6 +5,7 @@ import re
 from torch import nn
 
 from lorambo.budget import LayerSpec
+from lorambo.errors import LoramboError
 
 
 def rank_pattern_key(module_name: str) -> str:
@@ -13,15 +14,39 @@ def rank_pattern_key(module_name: str) -> str:
     return rf"^{re.escape(module_name)}$"
 
 
-def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg, use_dora: bool = False) -> nn.Module:
+SCALINGS = ("matched", "per_layer", "rslora")
+
+
+def lora_alphas(ranks: dict[str, int], alpha: float, scaling: str, uniform_rank: float) -> dict[str, float]:
+    """Each layer's lora_alpha under a scale policy (PEFT scales layer i's update by alpha_i / r_i, rsLoRA by
+    alpha_i / sqrt(r_i)):
+    - matched: every layer gets uniform's scale at the same budget, alpha / r_u: alpha_i = alpha r_i / r_u (so a
+      non-uniform allocation changes ranks only, not per-layer step sizes; a uniform run is unchanged);
+    - per_layer: alpha_i = alpha (scale alpha / r_i: PEFT's default; the scale falls as the rank rises);
+    - rslora: alpha_i = alpha with rsLoRA's alpha / sqrt(r_i)."""
+    if scaling not in SCALINGS:
+        raise LoramboError(f"unknown lora.scaling '{scaling}'; choose one of: {', '.join(SCALINGS)}")
+    if scaling != "matched":
+        return {name: alpha for name in ranks}
+    # alpha * r first: exact for a layer at the uniform rank (alpha r_u / r_u == alpha, to the bit)
+    return {name: alpha * r / uniform_rank for name, r in ranks.items()}
+
+
+def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg, use_dora: bool = False,
+              uniform_rank: float | None = None) -> nn.Module:
+    """A PEFT LoRA model with exactly `ranks`, its alphas set by `lora_cfg.scaling` (`uniform_rank`: r_u of the
+    budget, needed by `matched`)."""
     from peft import LoraConfig, get_peft_model
 
     default_r = max(ranks.values())
+    alphas = lora_alphas(ranks, lora_cfg.alpha, lora_cfg.scaling, uniform_rank or default_r)
+    default_alpha = alphas[max(ranks, key=lambda n: ranks[n])]
     config = LoraConfig(
         r=default_r,
-        lora_alpha=lora_cfg.alpha,
+        lora_alpha=default_alpha,
+        alpha_pattern={rank_pattern_key(name): a for name, a in alphas.items() if a != default_alpha},
         lora_dropout=lora_cfg.dropout,
-        use_rslora=lora_cfg.rslora,
+        use_rslora=lora_cfg.scaling == "rslora",
         use_dora=use_dora,
         # a regex PEFT full-matches against each module name: a plain list would match by suffix, so the
         # stem `conv1` would also catch every `layerN.M.conv1`
@@ -77,8 +102,6 @@ def wrap_adalora(model: nn.Module, layers: list[LayerSpec], p_max: int, head_mod
     the pruning schedule (tinit, tfinal) as fractions of the run."""
     from peft import AdaLoraConfig, get_peft_model
 
-    from lorambo.errors import LoramboError
-
     if any(layer.kind == "conv2d" for layer in layers):
         # measured: on tiny_resnet PEFT's AdaLoRA kept 20 of its 51-rank budget, pruning every bottleneck conv
         raise LoramboError("allocator=adalora does not support convolutions (PEFT's AdaLoRA prunes them below "
@@ -107,3 +130,8 @@ def adalora_effective_ranks(peft_model: nn.Module) -> dict[str, int]:
         return adapter_ranks(peft_model)
     return {key.removeprefix("base_model.model.").removesuffix(".default").removesuffix(".lora_E"): int(sum(mask))
             for key, mask in pattern.items()}
+
+
+def effective_scalings(peft_model: nn.Module) -> dict[str, float]:
+    """Each LoRA layer's update scale as PEFT applies it (layer.scaling), read from the wrapped model."""
+    return {name: float(m.scaling[ADAPTER]) for name, m in lora_layers(peft_model).items()}

@@ -1,6 +1,7 @@
 """ARD-LoRA (paper 002): learnable rank scales per layer and per attention head, read as METHODS.md section 3.
 
-Every adapted layer starts at rank R = ceil(alpha_max * r0) (r0: the uniform rank of the budget). A scale
+Every adapted layer starts at rank R = ceil(alpha_max * r0) (r0: the uniform rank of the budget), clipped to the
+smallest layer's maximum rank. A scale
 alpha > 0 per layer, or per head for attention projections, sets the effective rank r = round(r0 * alpha); the
 cut is differentiable through a soft mask over rank index j, sigmoid((r0 * alpha - j - 1/2) / tau) (> 1/2 exactly
 for the kept j < round(r0 alpha)). The scales train with their own learning rate under the task loss
@@ -76,6 +77,12 @@ def true_parameter_count(ranks: dict[str, list[int]], layers: dict[str, LayerSpe
     return total
 
 
+def ard_rank(r0: int, layers: list[LayerSpec], alpha_max: float) -> int:
+    """The rank every layer is built at, R = ceil(alpha_max r0), clipped to the smallest layer's maximum rank
+    (PEFT builds one rank for all): the masks and the cut use this same R."""
+    return min(math.ceil(alpha_max * r0), min(l.max_rank for l in layers))
+
+
 class ArdLora:
     """The scales, the masking hooks on a PEFT LoRA model at rank R, the regulariser, and the final cut."""
 
@@ -84,7 +91,7 @@ class ArdLora:
         self.model, self.r0, self.p_max, self.options = peft_model, r0, p_max, options
         self.layers = {l.name: l for l in layers}
         self.modules = lora_layers(peft_model)
-        self.rank = int(math.ceil(options.alpha_max * r0))
+        self.rank = ard_rank(r0, layers, options.alpha_max)
         self.names = sorted(self.modules)
         self.log_alpha = nn.ParameterList(
             [nn.Parameter(torch.zeros(groups[n])) for n in self.names])  # alpha = 1: uniform r0 to start

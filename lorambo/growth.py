@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lorambo.adapters import ADAPTER, lora_layers, rank_pattern_key
-from lorambo.allocators.hessian_online import growth_decision, marginal_benefits
+from lorambo.allocators.hessian_online import event_steps, growth_decision, marginal_benefits, mean_curvatures
 from lorambo.budget import LayerSpec
 from lorambo.sensitivity import layer_inputs_as_rows
 
@@ -157,18 +157,43 @@ def singular_values_and_right_vectors(R: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class OnlineGrowth:
-    """Every `grow_every` steps (for `events` events), measure on that step, decide, and grow."""
+    """At each of its event steps, measure on that step, decide, and grow. An event's share of the remaining
+    budget is remaining / events left: a share too small for any layer is carried to the next event (it is
+    not spent, so the next share is larger); growth ends early only when no layer has a positive benefit."""
 
-    def __init__(self, layers: list[LayerSpec], p_max: int, curvature: dict[str, float], options, run_dir: str):
+    def __init__(self, layers: list[LayerSpec], p_max: int, traces: dict[str, float], options, run_dir: str,
+                 total_steps: int):
         self.layers, self.p_max, self.options, self.run_dir = layers, p_max, options, run_dir
-        # h_i: the mean diagonal of the Hessian block, Tr(H_i) / (d_out d_in)
-        self.curvature = {l.name: curvature[l.name] / (l.d_out * l.d_in) for l in layers}
-        self.events_left = options.growth_events
+        self.curvature, self.no_curvature = mean_curvatures(layers, traces)
+        self.steps = event_steps(total_steps, options.growth_events, options.get("grow_every"))
+        self.events_left, self.events_held = len(self.steps), 0
+        self.stopped = None  # why growth ended before its last event, if it did
         self.history_path = os.path.join(run_dir, "rank_history.jsonl")
         self.capture = None
 
+    def state(self) -> dict:
+        return {"events_left": self.events_left, "events_held": self.events_held, "stopped": self.stopped}
+
+    def load_state(self, state: dict) -> None:
+        self.events_left, self.events_held, self.stopped = (state["events_left"], state["events_held"],
+                                                            state["stopped"])
+
     def due(self, step: int) -> bool:
-        return self.events_left > 0 and step % self.options.grow_every == 0
+        return self.events_left > 0 and step == self.steps[len(self.steps) - self.events_left]
+
+    def outcome(self, ranks: dict[str, int]) -> dict:
+        """What metrics.json says of growth: events held, parameters left unspent, and why."""
+        spent = sum(ranks.get(l.name, 0) * l.cost for l in self.layers)
+        unspent = self.p_max - spent
+        if self.stopped:
+            why = self.stopped
+        elif self.events_left:
+            why = f"the run ended with {self.events_left} growth events still to come"
+        else:
+            why = "all growth events held"
+        return {"growth_events": self.events_held, "growth_event_steps": self.steps,
+                "growth_unspent_params": unspent, "growth_ended": why,
+                "growth_no_curvature_layers": self.no_curvature}
 
     def measuring(self, peft_model):
         self.capture = GradientCapture(lora_layers(peft_model))
@@ -189,6 +214,7 @@ class OnlineGrowth:
         spent = sum(ranks[l.name] * l.cost for l in self.layers)
         budget = (self.p_max - spent) // self.events_left
         self.events_left -= 1
+        self.events_held += 1
         decision = [None]
         benefits, directions = {}, {}
         for name in sorted(grads):
@@ -198,15 +224,18 @@ class OnlineGrowth:
             benefits[name] = marginal_benefits(S.cpu().numpy(), self.curvature[name])
             directions[name] = Vh
         if accelerator.is_main_process:
-            decision[0] = growth_decision(self.layers, ranks, budget, benefits)
+            growable = any(ranks[l.name] < l.max_rank and len(benefits.get(l.name, ())) and
+                           benefits[l.name][0] > 0 for l in self.layers)
+            decision[0] = (growth_decision(self.layers, ranks, budget, benefits), growable)
         broadcast_object_list(decision)  # one decision, taken once, applied everywhere
-        increments = decision[0]
+        increments, growable = decision[0]
         for name, k in increments.items():
             A, _ = factor_matrices(layers[name])
             row_norm = A.detach().norm(dim=1).mean() if A.shape[0] else 1.0
             grow_rank(layers[name], directions[name][:k].float() * row_norm, optimizer)
-        if not increments:
-            self.events_left = 0  # no layer has positive benefit left: growth is over
+        if not growable:  # no layer has a positive benefit left: growth is over
+            self.events_left = 0
+            self.stopped = f"no layer had a positive benefit at step {step}"
         if accelerator.is_main_process:
             self.record(step, {n: int(m.r[ADAPTER]) for n, m in layers.items()})
         return increments

@@ -123,12 +123,24 @@ def row_key(m: dict) -> str:
     if m["allocator"] == "full_ft":
         return "full_ft" if m["optimizer"] == "adamw" else f"{m['optimizer']}_r{m['optimizer_rank']}"
     if m["budget"].endswith("M"):
-        return m["allocator"]
-    return f"{'lora' if m['allocator'] == 'uniform' else m['allocator']}_{m['budget']}"
+        row = m["allocator"]
+    else:
+        row = f"{'lora' if m['allocator'] == 'uniform' else m['allocator']}_{m['budget']}"
+    # a scale policy other than the default is its own row (uniform's scale is the same under every policy)
+    scaling = scale_policy(m)
+    return row if scaling in (None, "matched") or m["allocator"] == "uniform" else f"{row} [{scaling}]"
+
+
+def scale_policy(m: dict) -> str | None:
+    """The run's update scale policy; runs from before lora.scaling existed trained at alpha / r_i."""
+    if m["allocator"] in ("full_ft", "adalora"):
+        return None
+    return m.get("lora_scaling", "per_layer")
 
 
 def baseline_row(row: str) -> str | None:
     """Uniform LoRA at the same budget: the row each allocator is tested against."""
+    row = row.split(" [")[0]
     if row == "full_ft" or row.startswith("lora_") or row == "uniform":
         return None
     if "_r" in row:
@@ -170,7 +182,7 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
         paper_model = paper_tables.MODEL_ANALOGUE[paper].get(model, model)
         paper_column = (paper_tables.TASK_ANALOGUE.get(column[0], column[0]), column[1],
                         *[paper_tables.BUDGET_ANALOGUE.get(b, b) for b in column[2:]])
-        reference = lookup(paper_model, row, paper_column)
+        reference = lookup(paper_model, row.split(" [")[0], paper_column)
         base = groups.get((model, baseline_row(row), column)) if baseline_row(row) else None
         base_values = [v for _, v in base] if base else []
         runs_here = [m for m, _ in items]
@@ -193,7 +205,8 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
             "step_seconds": statistics.mean(m["step_seconds_median"] for m in runs_here),
             "effective_rank": statistics.mean(m["effective_rank"] for m in runs_here)
             if all("effective_rank" in m for m in runs_here) else None,
-            "paper_memory": paper_tables.paper_memory(paper, paper_model, row),
+            "paper_memory": paper_tables.paper_memory(paper, paper_model, row.split(" [")[0]),
+            "scale": " / ".join(sorted({scale_policy(m) or "—" for m in runs_here})),
             "runs": runs_here,
         })
     return cells
@@ -230,7 +243,7 @@ def table_rows(cells: list[dict]) -> tuple[list[str], list[list[str]]]:
     by_key = {(c["model"], c["row"], c["column"]): c for c in cells}
     rows = sorted({(c["model"], c["row"]) for c in cells}, key=lambda mr: (mr[0], row_sort_key(mr[1])))
     header = ["model", "method"] + [" ".join(col) for col in columns] + [
-        "adapter MiB", "paper Mem", "optimizer MiB", "peak MiB", "step s", "eff. rank"]
+        "scale", "adapter MiB", "paper Mem", "optimizer MiB", "peak MiB", "step s", "eff. rank"]
     body = []
     def across(here, key, fmt):
         """One value if the row's cells agree, else each column's in order (budgets as columns differ)."""
@@ -240,14 +253,14 @@ def table_rows(cells: list[dict]) -> tuple[list[str], list[list[str]]]:
     for model, row in rows:
         here = [by_key.get((model, row, col)) for col in columns]
         body.append([model, row] + [format_cell(c) if c else "—" for c in here] + [
-            across(here, "adapter_mib", ".2f"), across(here, "paper_memory", "g"),
+            across(here, "scale", "s"), across(here, "adapter_mib", ".2f"), across(here, "paper_memory", "g"),
             across(here, "optimizer_mib", ".1f"), across(here, "peak_mib", ".0f"),
             across(here, "step_seconds", ".3f"), across(here, "effective_rank", ".2f")])
     return header, body
 
 
 CSV_FIELDS = ["model", "row", "task", "metric", "budget", "n", "mean", "std", "paper", "paper_is_analogue",
-              "diff_paper", "vs_uniform", "p_vs_uniform", "adapter_params", "adapter_mib", "paper_memory",
+              "diff_paper", "vs_uniform", "p_vs_uniform", "scale", "adapter_params", "adapter_mib", "paper_memory",
               "optimizer_mib", "peak_mib", "step_seconds", "effective_rank"]
 
 
@@ -266,7 +279,9 @@ def render(cells: list[dict], fmt: str, missing: list[str], paper: str) -> str:
     legend = (f"Cells: mean ± sample std over seeds (n) in the paper's units; [paper {paper}'s number, ours minus "
               f"it] where the paper has the cell (~: the number of the model and task this CPU stand-in replaces); "
               f"Δu: difference from uniform LoRA at the same budget, p: Welch's t-test over seeds, "
-              f"*: p < 0.05 (beyond seed noise). adapter MiB: fp32 adapter tensors (full FT: the whole model). "
+              f"*: p < 0.05 (beyond seed noise). scale: the update scale policy (matched: every layer at uniform's "
+              f"alpha / r_u; per_layer: alpha / r_i, also every run from before the policy existed; rslora). "
+              f"adapter MiB: fp32 adapter tensors (full FT: the whole model). "
               f"a / b in the last columns: the value in each metric column, left to right, where they differ.")
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -4,6 +4,7 @@ Every estimator works on the adaptable weights W_i only (the rest of the model s
 does no work for it) and takes a `loss_fn(model, batch) -> loss`.
 """
 
+import math
 import weakref
 from contextlib import contextmanager
 
@@ -55,48 +56,106 @@ def to_matrix_grad(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     return grad.t() if isinstance(module, Conv1D) else grad.reshape(grad.shape[0], -1)
 
 
+Samples = dict[str, np.ndarray]  # per layer, one value per (batch, probe or sample): the estimate is their mean
+
+
+def as_samples(layers, rows: list[torch.Tensor]) -> Samples:
+    """Per-layer arrays from a list of per-draw (n_layers,) tensors, read back to the host once."""
+    table = torch.stack(rows).cpu().double().numpy()
+    return {l.name: table[:, i] for i, l in enumerate(layers)}
+
+
+def sample_means(samples: Samples) -> dict[str, float]:
+    return {name: float(v.mean()) for name, v in samples.items()}
+
+
 def gradient_sensitivity(model, layers, batches, loss_fn, keep_sum: bool = True
-                         ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """s_i = mean_t ||grad_{W_i} L_t||_F^2, and (if keep_sum) the summed gradient, an early estimate of the
-    update; squared norms stay on the device until the end (no host sync per layer and batch)."""
-    sq = 0
+                         ) -> tuple[Samples, dict[str, torch.Tensor]]:
+    """||grad_{W_i} L_t||_F^2 for every batch t (s_i is their mean), and (if keep_sum) the summed gradient, an
+    early estimate of the update; squared norms stay on the device until the end (no host sync per batch)."""
+    rows = []
     total = {}
     with only_weights_require_grad(model, layers) as weights:
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), weights)
-            sq = sq + torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads])
+            rows.append(torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads]))
             if keep_sum:
                 for layer, g in zip(layers, grads):
                     g = to_matrix_grad(model.get_submodule(layer.name), g.detach())
                     total[layer.name] = total[layer.name] + g if layer.name in total else g.clone()
-    return {l.name: v / len(batches) for l, v in zip(layers, sq.cpu().tolist())}, total
+    return as_samples(layers, rows), total
 
 
-def hutchinson_trace(model, layers, batches, loss_fn, probes: int = 1, seed: int = 0) -> dict[str, float]:
+def hutchinson_trace(model, layers, batches, loss_fn, probes: int = 1, seed: int = 0) -> Samples:
     """Tr(H_i) for every block at once: one Rademacher probe v over all W_i and one Hessian-vector product give
-    v_i . (Hv)_i for every i; averaged over `probes` per batch and over batches."""
+    v_i . (Hv)_i for every i; one sample per (batch, probe), the estimate is their mean."""
     generator = torch.Generator().manual_seed(seed)
-    estimates = {l.name: 0.0 for l in layers}
-    n = 0
+    rows = []
     with only_weights_require_grad(model, layers) as weights, twice_differentiable():
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), weights, create_graph=True)
             for k in range(probes):
                 vs = [(torch.randint(0, 2, w.shape, generator=generator) * 2 - 1).to(w) for w in weights]
                 hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=k < probes - 1)
-                for layer, v, hv in zip(layers, vs, hvs):
-                    estimates[layer.name] += float((v.double() * hv.double()).sum())
-                n += 1
-    return {name: v / n for name, v in estimates.items()}
+                rows.append(torch.stack([(v.double() * hv.double()).sum() for v, hv in zip(vs, hvs)]))
+    return as_samples(layers, rows)
 
 
-def hessian_operator_norm(model, layers, batches, loss_fn, iterations: int = 10, seed: int = 0) -> dict[str, float]:
-    """||H_i||_op per block by power iteration on Hessian-vector products restricted to block i (one batch's
-    Hessian per batch, averaged over batches)."""
+def sampled_label_loss(logits: torch.Tensor, task_type: str, generator: torch.Generator
+                       ) -> tuple[torch.Tensor, int]:
+    """(sum over outputs of the loss at labels drawn from the model's own predictive distribution, number of
+    outputs). Classification and language modelling: y ~ softmax(logits) per example / per next-token position;
+    regression (one output, squared error (f - y)^2): y = f + e with e ~ N(0, 1/2), so that E||grad||^2 is the
+    Gauss-Newton 2 J^T J of that loss."""
+    logits = logits.float()
+    if task_type == "lm":
+        logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # position t predicts token t + 1
+    if logits.shape[-1] == 1:
+        f = logits.reshape(-1)
+        noise = torch.randn(f.shape, generator=generator).to(f) * math.sqrt(0.5)
+        return (f - (f.detach() + noise)).pow(2).sum(), f.numel()
+    probabilities = logits.detach().softmax(-1).cpu()
+    y = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1).to(logits.device)
+    return F.cross_entropy(logits, y, reduction="sum"), len(y)
+
+
+def fisher_trace(model, layers, batches, output_fn, task_type: str, samples: int = 1, seed: int = 0,
+                 empirical: bool = False) -> Samples:
+    """Tr(G_i), the Gauss-Newton (= Fisher, for softmax cross-entropy) trace per layer, per output:
+    E_x E_{y ~ p(y|x)} ||grad_{W_i} log p(y|x)||_F^2. With labels drawn from the model, each output's score has
+    mean zero given the inputs, so the cross terms of ||grad sum_n loss_n||^2 vanish in expectation and
+    ||grad sum_n loss_n(y_n)||^2 / N is an unbiased estimate from one ordinary backward (one sample per batch
+    and draw). It is never negative. `empirical`: the true labels instead (the empirical Fisher), where the
+    cross terms do not vanish, so each example is differentiated alone (one backward per example).
+    `output_fn(model, batch) -> (mean loss, logits)`."""
     generator = torch.Generator().manual_seed(seed)
-    norms = {l.name: 0.0 for l in layers}
-    with only_weights_require_grad(model, layers) as weights, twice_differentiable():
+    rows = []
+    with only_weights_require_grad(model, layers) as weights:
         for batch in batches:
+            if empirical:
+                size = len(next(iter(batch.values())))
+                total = 0
+                for n in range(size):
+                    one = {k: v[n:n + 1] for k, v in batch.items()}
+                    grads = torch.autograd.grad(output_fn(model, one)[0], weights)
+                    total = total + torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads])
+                rows.append(total / size)
+                continue
+            logits = output_fn(model, batch)[1]
+            for k in range(samples):
+                loss, count = sampled_label_loss(logits, task_type, generator)
+                grads = torch.autograd.grad(loss, weights, retain_graph=k < samples - 1)
+                rows.append(torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads]) / count)
+    return as_samples(layers, rows)
+
+
+def hessian_operator_norm(model, layers, batches, loss_fn, iterations: int = 10, seed: int = 0) -> Samples:
+    """||H_i||_op per block by power iteration on Hessian-vector products restricted to block i (one sample per
+    batch: that batch's Hessian; the estimate is their mean)."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = {l.name: np.zeros(len(batches)) for l in layers}
+    with only_weights_require_grad(model, layers) as weights, twice_differentiable():
+        for t, batch in enumerate(batches):
             grads = torch.autograd.grad(loss_fn(model, batch), weights, create_graph=True)
             for i, (layer, w, g) in enumerate(zip(layers, weights, grads)):
                 v = torch.randn(w.shape, generator=generator).to(w)
@@ -106,7 +165,7 @@ def hessian_operator_norm(model, layers, batches, loss_fn, iterations: int = 10,
                     (hv,) = torch.autograd.grad(g, w, grad_outputs=v, retain_graph=True)
                     value = float((v * hv).sum())
                     v = hv / hv.norm().clamp_min(1e-30)
-                norms[layer.name] += abs(value) / len(batches)
+                norms[layer.name][t] = abs(value)
     return norms
 
 
@@ -194,32 +253,72 @@ def weight_spectra(model, layers) -> dict[str, np.ndarray]:
 
 
 def positive(values: dict[str, float]) -> dict[str, float]:
-    """Sensitivities must be > 0; a noisy estimate of a non-convex block can come out <= 0: floor it at a
-    millionth of the largest (such a layer still gets a rank only if the budget has room to spare)."""
+    """Sensitivities must be > 0 for the square-root law; a noisy estimate of a non-convex block can come out
+    <= 0: floor it at a millionth of the largest (such a layer gets rank 1 and more only if the budget has room
+    to spare). A floored value is only ever a weight in an allocation objective, never a divisor."""
     top = max(max(values.values()), 1e-30)
     return {name: max(v, 1e-6 * top) for name, v in values.items()}
 
 
-def estimate(required: set[str], model, layers, batches, loss_fn, settings, seed: int = 0) -> dict:
-    """Every statistic in `required`, each from the first `settings.<stat>_batches` batches."""
+@contextmanager
+def warmed_up_head(model, head: list[nn.Parameter], batches, output_fn, steps: int, lr: float):
+    """Inside: the classification head trained alone for `steps` AdamW steps on `batches` (cycled; the body and
+    its dropout stay in eval mode); afterwards every head parameter is back to its value before."""
+    if steps <= 0 or not head:
+        yield
+        return
+    saved = [p.detach().clone() for p in head]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in head:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=0.0)
+        for t in range(steps):
+            loss = output_fn(model, batches[t % len(batches)])[0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(head, saved):
+                p.copy_(value)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def estimate(required: set[str], model, layers, batches, output_fn, settings, seed: int = 0,
+             task_type: str = "classification") -> dict:
+    """Every statistic in `required`, each from the first `settings.<stat>_batches` batches. A scalar statistic
+    gives `stats[name]` (floored positive, for allocators), `stats[name + "_raw"]` (the plain mean) and, under
+    `stats["errors"][name]`, each layer's standard error over its samples and count of non-positive samples.
+    `output_fn(model, batch) -> (mean loss, logits)`."""
+    loss_fn = lambda m, b: output_fn(m, b)[0]
     was_training = model.training
     model.eval()  # no dropout: estimates of the function being adapted, not of a noisy copy
-    stats = {}
+    stats, samples = {}, {}
     try:
         if required & {"gradient", "update_spectra"}:
             spectra = "update_spectra" in required
-            s, total = gradient_sensitivity(model, layers, batches[: settings.gradient_batches], loss_fn, spectra)
-            stats["gradient"] = positive(s)
+            samples["gradient"], total = gradient_sensitivity(model, layers, batches[: settings.gradient_batches],
+                                                              loss_fn, spectra)
             if spectra:
                 stats["update_spectra"] = {n: torch.linalg.svdvals(g.double()).numpy() for n, g in total.items()}
         if "hessian_trace" in required:
-            trace = hutchinson_trace(model, layers, batches[: settings.hessian_batches], loss_fn,
-                                     settings.hutchinson_probes, seed)
-            stats["hessian_trace_raw"] = trace
-            stats["hessian_trace"] = positive(trace)
+            samples["hessian_trace"] = hutchinson_trace(model, layers, batches[: settings.hessian_batches], loss_fn,
+                                                        settings.hutchinson_probes, seed)
+        if "fisher_trace" in required:
+            samples["fisher_trace"] = fisher_trace(model, layers, batches[: settings.fisher_batches], output_fn,
+                                                   task_type, settings.fisher_samples, seed,
+                                                   settings.fisher_labels == "true")
         if "hessian_opnorm" in required:
-            stats["hessian_opnorm"] = positive(hessian_operator_norm(
-                model, layers, batches[: settings.hessian_batches], loss_fn, settings.power_iterations, seed))
+            samples["hessian_opnorm"] = hessian_operator_norm(
+                model, layers, batches[: settings.hessian_batches], loss_fn, settings.power_iterations, seed)
         if "weight_spectra" in required:
             stats["weight_spectra"] = weight_spectra(model, layers)
         if "weighted_spectra" in required:
@@ -228,16 +327,32 @@ def estimate(required: set[str], model, layers, batches, loss_fn, settings, seed
             stats["weighted_spectra"] = weighted_spectra(model, layers, covariances)
     finally:
         model.train(was_training)
+    for name, values in samples.items():
+        raw = sample_means(values)
+        stats[name + "_raw"], stats[name] = raw, positive(raw)
+        stats.setdefault("errors", {})[name] = error_bars(values)
     return stats
 
 
+def error_bars(samples: Samples) -> dict[str, dict]:
+    """Per layer: the standard error of the mean over its samples (None with one sample), the number of
+    samples, and how many came out <= 0."""
+    out = {}
+    for name, v in samples.items():
+        se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+        out[name] = {"standard_error": se, "samples": len(v), "non_positive": int((v <= 0).sum())}
+    return out
+
+
 def summary(stats: dict) -> dict:
-    """What goes to sensitivities.json: per-layer scalars, and the leading singular values of each spectrum."""
+    """What goes to sensitivities.json: per-layer scalars (floored and raw), their error bars, and the leading
+    singular values of each spectrum."""
     out = {}
     for key, values in stats.items():
         if key.endswith("spectra"):
             out[key] = {n: [float(x) for x in v[:16]] for n, v in values.items()}
+        elif key == "errors":
+            out[key] = values
         else:
             out[key] = {n: float(v) for n, v in values.items()}
     return out
-

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 
@@ -17,7 +18,9 @@ from lorambo import checkpoint
 from lorambo.adapters import (ADAPTER, adalora_effective_ranks, adapter_parameter_count, adapter_ranks,
                               expected_parameter_count, lora_layers, wrap_adalora, wrap_lora)
 from lorambo.allocators import allocate, required_stats
-from lorambo.ard_lora import ArdLora, head_groups, true_parameter_count
+from lorambo.allocators.greedy import left_out
+from lorambo.allocators.uniform import uniform_rank
+from lorambo.ard_lora import ArdLora, ard_rank, head_groups, true_parameter_count
 from lorambo.budget import budget_label, resolve_p_max
 from lorambo.data import load_task
 from lorambo.errors import LoramboError
@@ -27,7 +30,7 @@ from lorambo.models import (adaptable_layers, build_model, build_tokenizer, chec
                             head_parameters)
 from lorambo.plots import plot_rank_history, plot_ranks
 from lorambo.results import optimizer_state_bytes, peak_memory_bytes, reset_peak_memory, write_json_atomic
-from lorambo.sensitivity import estimate
+from lorambo.sensitivity import estimate, warmed_up_head
 from lorambo.sensitivity import summary as sensitivity_summary
 
 
@@ -160,8 +163,9 @@ def run(cfg, run_dir: str) -> dict:
     elif cfg.allocator.adapter == "ard_lora":  # learnable rank scales over a rank-R adapter, cut at the end
         p_max = resolve_p_max(cfg.budget, layers)
         r0 = allocate("uniform", layers, p_max)[layers[0].name]
-        rank = min(math.ceil(cfg.allocator.alpha_max * r0), min(l.max_rank for l in layers))
-        model = wrap_lora(model, {l.name: rank for l in layers}, cfg.model.head_modules, cfg.lora)
+        rank = ard_rank(r0, layers, cfg.allocator.alpha_max)
+        model = wrap_lora(model, {l.name: rank for l in layers}, cfg.model.head_modules, cfg.lora,
+                          uniform_rank=r0)
         groups = head_groups(model.get_base_model(), layers, cfg.model.get("per_head_modules")
                              if cfg.allocator.per_head else None)
         ard = ArdLora(model, layers, groups, r0, p_max, cfg.allocator)
@@ -173,14 +177,21 @@ def run(cfg, run_dir: str) -> dict:
             ranks, stats, sensitivity_seconds = (resumed["initial_ranks"], resumed["stats"],
                                                  resumed["sensitivity_seconds"])
         use_dora = bool(cfg.allocator.get("dora", False))
-        model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora, use_dora)
+        model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora, use_dora, uniform_rank(layers, p_max))
         if adapter_parameter_count(model) != expected_parameter_count(ranks, layers, use_dora):
             raise RuntimeError("adapter tensors do not hold sum r_i c_i parameters")
         if accelerator.is_main_process and resumed is None:
-            write_json_atomic(os.path.join(run_dir, "allocation.json"),
-                              {"allocator": cfg.allocator.name, "p_max": p_max, "ranks": ranks})
+            write_json_atomic(os.path.join(run_dir, "allocation.json"), {
+                "allocator": cfg.allocator.name, "p_max": p_max, "ranks": ranks,
+                "statistics": sorted(required_stats(cfg.allocator.name, **allocator_options(cfg.allocator)))
+                if not cfg.allocator.get("from_run") else [], "from_run": cfg.allocator.get("from_run"),
+                "lora_scaling": cfg.lora.scaling, **left_out(layers, p_max, ranks),
+                "sensitivity": {name: {layer: {"mean": stats[f"{name}_raw"][layer], **bars}
+                                       for layer, bars in per_layer.items()}
+                                for name, per_layer in stats.get("errors", {}).items()}})
         if cfg.allocator.name == "hessian_online" and not cfg.allocator.get("from_run"):
-            growth = OnlineGrowth(layers, p_max, stats["hessian_trace"], cfg.allocator, run_dir)
+            growth = OnlineGrowth(layers, p_max, stats[f"{cfg.allocator.curvature}_raw"], cfg.allocator, run_dir,
+                                  steps)
             if accelerator.is_main_process and resumed is None:
                 growth.record(0, ranks)
     initial_ranks = {} if full_ft or adalora or ard else ranks
@@ -289,7 +300,7 @@ def run(cfg, run_dir: str) -> dict:
                     checkpoint.save(run_dir, {
                         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                         "initial_ranks": initial_ranks, "sensitivity_seconds": sensitivity_seconds,
-                        "stats": {"hessian_trace": stats["hessian_trace"]} if growth is not None else {},
+                        "stats": {k: stats[k] for k in [f"{cfg.allocator.curvature}_raw"]} if growth else {},
                         "tensors": training_tensors(unwrapped, full_ft, ard, adalora, growth),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "step_times": step_times, "interval": (float(interval_loss), interval_batches),
@@ -341,8 +352,20 @@ def run(cfg, run_dir: str) -> dict:
         "steps": step,
         "resumed_from_step": resumed["step"] if resumed is not None else None,
         "lr": cfg.train.lr,
+        # the update scale policy, and uniform's scale at this budget (what `matched` gives every layer)
+        "lora_scaling": None if full_ft or adalora else cfg.lora.scaling,
         "ranks": final_ranks,
     }
+    if growth is not None:
+        metrics.update(growth.outcome(final_ranks))
+        if metrics["growth_unspent_params"] >= min(l.cost for l in layers) and not growth.stopped:
+            warning = (f"hessian_online left {metrics['growth_unspent_params']:,} of P_max={p_max:,} unspent "
+                       f"({metrics['growth_ended']}); set allocator.grow_every or train longer")
+            metrics["warning"] = warning
+            if accelerator.is_main_process:
+                print(f"lorambo-run: warning: {warning}", file=sys.stderr)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "warning": warning}) + "\n")
     if ard is not None:
         metrics["head_ranks"] = {n: r for n, r in ard.final_ranks.items() if len(r) > 1}
         metrics["adapter_params_peft_form"] = adapter_parameter_count(unwrapped)
@@ -394,7 +417,7 @@ def training_tensors(model, full_ft: bool, ard, adalora: bool, growth) -> dict:
         tensors["adalora"] = {k: getattr(allocator, k) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
         tensors["adalora_rank_pattern"] = model.peft_config[ADAPTER].rank_pattern
     if growth is not None:
-        tensors["growth_events_left"] = growth.events_left
+        tensors["growth"] = growth.state()
     return tensors
 
 
@@ -422,7 +445,7 @@ def restore_training_tensors(model, layers, resumed, growth, ard, adalora: bool,
             setattr(allocator, k, v)
         model.peft_config[ADAPTER].rank_pattern = tensors["adalora_rank_pattern"]
     if growth is not None:
-        growth.events_left = tensors["growth_events_left"]
+        growth.load_state(tensors["growth"])
 
 
 def reported_metrics(task_cfg, splits: list[str]) -> list[str]:
@@ -488,8 +511,14 @@ def allocate_ranks(cfg, model, layers, p_max, data, accelerator, run_dir) -> tup
     if required:
         start = time.perf_counter()
         batches = estimation_batches(data, cfg, accelerator.device, accelerator.num_processes)
-        stats = estimate(required, model.to(accelerator.device), layers, batches,
-                         lambda m, b: forward(m, b, cfg.task.type)[0], cfg.sensitivity, cfg.seed)
+        model = model.to(accelerator.device)
+        output_fn = lambda m, b: forward(m, b, cfg.task.type)
+        # a random head is not the model being adapted: optionally fit it alone first; the trained run
+        # starts from the untouched head all the same (every allocator trains from the same start)
+        with warmed_up_head(model, head_parameters(model, cfg.model.head_modules), batches, output_fn,
+                            cfg.sensitivity.head_warmup_steps, cfg.sensitivity.head_warmup_lr):
+            stats = estimate(required, model, layers, batches, output_fn, cfg.sensitivity, cfg.seed,
+                             cfg.task.type)
         seconds = time.perf_counter() - start
         if accelerator.is_main_process:
             write_json_atomic(os.path.join(run_dir, "sensitivities.json"), sensitivity_summary(stats))
@@ -527,7 +556,7 @@ def estimation_batches(data, cfg, device, num_processes: int = 1) -> list[dict]:
     """The first batches of a separately seeded shuffle of the training split, for sensitivity estimation.
     Batches of the global batch size, the same in every process: N processes allocate as one process would."""
     s = cfg.sensitivity
-    n = max(s.gradient_batches, s.hessian_batches, s.covariance_batches)
+    n = max(s.gradient_batches, s.hessian_batches, s.covariance_batches, s.fisher_batches, s.head_warmup_steps)
     loader = DataLoader(data.train, batch_size=cfg.train.batch_size * num_processes, shuffle=True,
                         collate_fn=data.collate_fn,
                         generator=torch.Generator().manual_seed(cfg.seed + 1))

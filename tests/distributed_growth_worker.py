@@ -27,8 +27,8 @@ def main(out_dir):
     x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
     specs = [LayerSpec("conv", 4, 18, "conv2d"), LayerSpec("fc1", 16, 64), LayerSpec("fc2", 3, 16)]
     options = OmegaConf.create({"growth_events": 1, "grow_every": 1})
-    growth = OnlineGrowth(specs, p_max=400, curvature={s.name: 1.0 for s in specs}, options=options,
-                          run_dir=out_dir)
+    growth = OnlineGrowth(specs, p_max=400, traces={s.name: 1.0 for s in specs}, options=options,
+                          run_dir=out_dir, total_steps=1)
     with growth.measuring(model):
         nn.functional.cross_entropy(model(x), y).backward()
     increments = growth.grow(1, model, optimizer, accelerator)

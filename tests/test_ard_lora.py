@@ -92,3 +92,13 @@ def test_ard_lora_counts_true_parameters_meets_the_budget_and_reloads(family, tm
     reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))
     for key, value in evaluate_independently(cfg, reloaded).items():
         assert value == pytest.approx(metrics[key], rel=1e-4), key
+
+
+def test_a_layer_narrower_than_the_build_rank_does_not_crash(tmp_path):
+    """Regression: with ceil(alpha_max r0) above a layer's maximum rank the adapter was built at the clipped
+    rank but the masks used the unclipped one: a shape error. tiny_bert's narrowest layers have rank 32; r0 = 8,
+    alpha_max = 5 asks for 40."""
+    metrics = run_in_process(["experiment=smoke", "allocator=ard_lora", "allocator.alpha_max=5", "budget=r8"],
+                             tmp_path / "ard")
+    assert 0 < metrics["adapter_params"] <= metrics["p_max"]
+    assert max(max(r) for r in metrics["head_ranks"].values()) <= 32

@@ -29,12 +29,12 @@ class Tiny(nn.Module):
         return self.fc2(torch.tanh(self.fc1(torch.relu(self.conv(x)).flatten(1))))
 
 
-LORA = OmegaConf.create({"alpha": 8, "dropout": 0.0, "rslora": False})
+LORA = OmegaConf.create({"alpha": 8, "dropout": 0.0, "scaling": "per_layer"})
 
 
 def trained_tiny(steps=5, rslora=False):
     torch.manual_seed(0)
-    cfg = OmegaConf.merge(LORA, {"rslora": rslora})
+    cfg = OmegaConf.merge(LORA, {"scaling": "rslora" if rslora else "per_layer"})
     model = wrap_lora(Tiny(), {"conv": 2, "fc1": 3, "fc2": 1}, [], cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
@@ -177,3 +177,97 @@ def test_two_processes_take_identical_growth_decisions(tmp_path):
     assert outcomes[0]["ranks"] == outcomes[1]["ranks"] and outcomes[0]["increments"]
     for name in outcomes[0]["A"]:
         assert torch.equal(outcomes[0]["A"][name], outcomes[1]["A"][name])
+
+
+def grow_tiny(p_max, traces, events, tmp_path, total_steps=8):
+    """A Tiny LoRA model at rank 1 grown by `events` events, each measured on its own step."""
+    from accelerate import Accelerator
+
+    from lorambo.budget import LayerSpec
+    from lorambo.growth import OnlineGrowth
+
+    torch.manual_seed(0)
+    model = wrap_lora(Tiny(), {"conv": 1, "fc1": 1, "fc2": 1}, [], LORA)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    specs = [LayerSpec("conv", 4, 18, "conv2d"), LayerSpec("fc1", 16, 64), LayerSpec("fc2", 3, 16)]
+    growth = OnlineGrowth(specs, p_max, traces, OmegaConf.create({"growth_events": events, "grow_every": None}),
+                          str(tmp_path), total_steps)
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    accelerator = Accelerator(cpu=True)
+    for step in range(1, total_steps + 1):
+        if growth.due(step):
+            with growth.measuring(model):
+                nn.functional.cross_entropy(model(x), y).backward()
+            growth.grow(step, model, optimizer, accelerator)
+            optimizer.zero_grad()
+    return growth, adapter_ranks(model), specs
+
+
+def test_a_layer_with_no_usable_curvature_is_the_last_to_grow(tmp_path):
+    """Regression: the benefit sigma^2 / 2h took h from the floored trace, so a layer whose Hutchinson estimate
+    came out <= 0 got a tiny h and a huge benefit: it was grown first. Now it gets the largest usable h."""
+    growth, ranks, specs = grow_tiny(121 + 80, {"conv": 1.0, "fc1": -3.0, "fc2": 1.0}, 1, tmp_path)
+    h = growth.curvature
+    assert growth.no_curvature == ["fc1"]
+    assert h["fc1"] == max(h["conv"], h["fc2"]) > 0
+    from lorambo.allocators.hessian_online import marginal_benefits
+    with pytest.raises(AssertionError):
+        marginal_benefits([1.0], 0.0)  # a non-positive curvature never reaches the division
+
+
+def test_growth_carries_a_share_too_small_for_any_layer_to_the_next_event(tmp_path):
+    """Regression: with 70 parameters left over 4 events, the first share (17) is below the cheapest layer's
+    cost (19): nothing was granted and growth ended with the budget unspent. Now the share carries forward and
+    the budget is spent to within one rank of the costliest layer."""
+    p_max = 121 + 70  # rank 1 everywhere costs 22 + 80 + 19
+    growth, ranks, specs = grow_tiny(p_max, {"conv": 1.0, "fc1": 1.0, "fc2": 1.0}, 4, tmp_path)
+    spent = sum(ranks[s.name] * s.cost for s in specs)
+    assert growth.events_held == 4 and growth.stopped is None
+    assert spent <= p_max and p_max - spent < max(s.cost for s in specs)
+    assert spent > 121
+
+
+def test_growth_events_spread_over_the_first_half_of_a_short_run():
+    """Regression: a fixed grow_every=50 never fired in a 16-step run; by default the events now follow the run's
+    length, and an explicit grow_every still wins."""
+    from lorambo.allocators.hessian_online import event_steps
+
+    assert event_steps(16, 4, None) == [2, 4, 6, 8]
+    assert event_steps(528, 4, None) == [66, 132, 198, 264]
+    assert event_steps(3, 4, None) == [1]  # fewer steps than events: what fits
+    assert event_steps(16, 4, 50) == [50, 100, 150, 200]
+
+
+def test_smoke_run_of_hessian_online_spends_its_budget(tmp_path):
+    """Regression: `experiment=smoke allocator=hessian_online` ended at rank 1 everywhere (896 of 7,168 spent)
+    and said nothing."""
+    metrics = run_in_process(["experiment=smoke", "allocator=hessian_online"], tmp_path / "run")
+    assert metrics["growth_events"] >= 1
+    history = [json.loads(line) for line in (tmp_path / "run" / "rank_history.jsonl").read_text().splitlines()]
+    assert len(history) >= 3
+    assert metrics["adapter_params"] <= metrics["p_max"]
+    assert metrics["growth_unspent_params"] == metrics["p_max"] - metrics["adapter_params"]
+    assert "warning" not in metrics
+    assert metrics["growth_unspent_params"] < max_layer_cost(tmp_path / "run")
+
+
+def max_layer_cost(run_dir):
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    costs = {}
+    for name, t in tensors.items():
+        if "lora_A" in name:
+            costs[name.split(".lora_A")[0]] = costs.get(name.split(".lora_A")[0], 0) + t.shape[1]
+        elif "lora_B" in name:
+            costs[name.split(".lora_B")[0]] = costs.get(name.split(".lora_B")[0], 0) + t.shape[0]
+    return max(costs.values())
+
+
+def test_a_run_that_ends_before_its_growth_events_warns_and_says_so(tmp_path):
+    metrics = run_in_process(["experiment=smoke", "allocator=hessian_online", "allocator.grow_every=100"],
+                             tmp_path / "run")
+    assert metrics["growth_events"] == 0 and metrics["growth_unspent_params"] > 0
+    assert "warning" in metrics and "grow_every" in metrics["warning"]
+    log = (tmp_path / "run" / "metrics_log.jsonl").read_text()
+    assert "warning" in log

@@ -184,3 +184,28 @@ def test_small_p_values_keep_a_significant_digit():
     assert format_cell({**cell, "p_vs_uniform": 0.004816}).endswith("Δu -12.65 p=0.005*")
     assert format_cell({**cell, "p_vs_uniform": 0.2157}).endswith("Δu -12.65 p=0.22")
     assert format_cell({**cell, "p_vs_uniform": None}).endswith("Δu -12.65")
+
+
+def test_scale_policy_is_a_column_and_splits_rows(tmp_path, template, capsys):
+    """A sweep over lora.scaling keeps each policy's runs apart (uniform's scale is the same under all, so
+    uniform is one row); runs from before the policy existed read as per_layer."""
+    fake_runs(tmp_path, template, "minilm", {("uniform", "r4"): [0.80, 0.81], ("gradient", "r4"): [0.70, 0.71]})
+    for path in glob.glob(str(tmp_path / "minilm_gradient_*" / "metrics.json")):
+        m = json.load(open(path))
+        m["lora_scaling"] = "per_layer"
+        json.dump(m, open(path, "w"))
+    (tmp_path / "matched").mkdir()
+    fake_runs(tmp_path / "matched", template, "minilm", {("gradient", "r4"): [0.90, 0.91]})
+    old = tmp_path / "old"
+    old.mkdir()
+    fake_runs(old, template, "minilm", {("frobenius_greedy", "r4"): [0.75, 0.76]})
+    for path in glob.glob(str(old / "*" / "metrics.json")):
+        m = json.load(open(path))
+        del m["lora_scaling"]
+        json.dump(m, open(path, "w"))
+    rows = {r["row"]: r for r in report_csv([tmp_path], tmp_path, capsys)}
+    assert rows["gradient_r4"]["scale"] == "matched" and float(rows["gradient_r4"]["mean"]) == pytest.approx(90.5)
+    assert rows["gradient_r4 [per_layer]"]["scale"] == "per_layer"
+    assert float(rows["gradient_r4 [per_layer]"]["vs_uniform"]) == pytest.approx(-10.0)
+    assert rows["frobenius_greedy_r4 [per_layer]"]["scale"] == "per_layer"
+    assert rows["lora_r4"]["scale"] == "matched"

@@ -8,7 +8,8 @@ from torch import nn
 
 from lorambo.budget import LayerSpec
 from lorambo.sensitivity import (activation_covariances, data_weighted_approximation, gradient_sensitivity,
-                                 hessian_operator_norm, hutchinson_trace, psd_sqrt, weighted_singular_values)
+                                 hessian_operator_norm, hutchinson_trace, psd_sqrt, sample_means,
+                                 weighted_singular_values)
 
 
 
@@ -43,7 +44,7 @@ def test_hutchinson_matches_exact_trace_within_sampling_error():
     model, layers, batches, loss_fn = small_problem()
     exact = exact_block_hessians(model, layers, batches[0], loss_fn)
     probes = 4000
-    estimate = hutchinson_trace(model, layers, batches, loss_fn, probes=probes, seed=1)
+    estimate = sample_means(hutchinson_trace(model, layers, batches, loss_fn, probes=probes, seed=1))
     for name, H in exact.items():
         # Rademacher probes: Var[v^T H v] = 2 (||H||_F^2 - sum_j H_jj^2)
         sd = math.sqrt(2 * (H.pow(2).sum() - H.diagonal().pow(2).sum()).item() / probes)
@@ -53,7 +54,7 @@ def test_hutchinson_matches_exact_trace_within_sampling_error():
 def test_power_iteration_matches_exact_operator_norm():
     model, layers, batches, loss_fn = small_problem(1)
     exact = exact_block_hessians(model, layers, batches[0], loss_fn)
-    estimate = hessian_operator_norm(model, layers, batches, loss_fn, iterations=200)
+    estimate = sample_means(hessian_operator_norm(model, layers, batches, loss_fn, iterations=200))
     for name, H in exact.items():
         assert estimate[name] == pytest.approx(torch.linalg.eigvalsh(H).abs().max().item(), rel=1e-3)
 
@@ -61,7 +62,8 @@ def test_power_iteration_matches_exact_operator_norm():
 def test_gradient_sensitivity_is_mean_squared_gradient_norm():
     model, layers, batches, loss_fn = small_problem(2)
     batches = batches * 2 + [{"x": torch.randn(8, 4), "y": torch.randint(0, 3, (8,))}]
-    s, total = gradient_sensitivity(model, layers, batches, loss_fn)
+    samples, total = gradient_sensitivity(model, layers, batches, loss_fn)
+    s = sample_means(samples)
     for layer in layers:
         grads = []
         for batch in batches:
@@ -71,7 +73,7 @@ def test_gradient_sensitivity_is_mean_squared_gradient_norm():
         assert s[layer.name] == pytest.approx(sum(g.pow(2).sum().item() for g in grads) / len(grads), rel=1e-10)
         assert torch.allclose(total[layer.name], sum(grads))
     s_only, no_sum = gradient_sensitivity(model, layers, batches, loss_fn, keep_sum=False)
-    assert s_only == s and no_sum == {}
+    assert sample_means(s_only) == s and no_sum == {}
 
 
 def test_activation_covariance_of_linear_and_conv_inputs():
@@ -158,3 +160,137 @@ def test_weighted_singular_values_match_the_svd_of_w_g_half(shape, rank_deficien
     assert list(got) == sorted(got, reverse=True)
     # the W G W^T route: sigma^2 to ~eps relative to the largest, so sigma to ~sqrt(eps) x the largest
     assert abs(got - expected).max() <= 1e-7 * expected[0]
+
+
+def exact_fisher_trace(model, layers, batch, regression=False):
+    """Tr(G_i) in float64 by enumeration: (1/N) sum_n sum_y p(y|x_n) ||grad_{W_i} log p(y|x_n)||^2 (for softmax
+    cross-entropy the Fisher is the Gauss-Newton matrix); regression with loss (f - y)^2: (1/N) sum_n 2 ||J_n||^2."""
+    x = batch["x"]
+    traces = {l.name: 0.0 for l in layers}
+    weights = [model.get_submodule(l.name).weight for l in layers]
+    for n in range(len(x)):
+        out = model(x[n:n + 1])[0]
+        if regression:
+            grads = torch.autograd.grad(out[0], weights)
+            for l, g in zip(layers, grads):
+                traces[l.name] += 2 * g.pow(2).sum().item() / len(x)
+            continue
+        logp = out.log_softmax(-1)
+        for y in range(len(logp)):
+            grads = torch.autograd.grad(logp[y], weights, retain_graph=True)
+            for l, g in zip(layers, grads):
+                traces[l.name] += logp[y].exp().item() * g.pow(2).sum().item() / len(x)
+    return traces
+
+
+def exact_ggn_trace(model, layers, batch):
+    """Tr(J^T H_logits J) / N from full Jacobians: the Gauss-Newton trace, a second route to the same number."""
+    x = batch["x"]
+    traces = {}
+    for layer in layers:
+        module = model.get_submodule(layer.name)
+        w0 = module.weight.detach().clone()
+        total = 0.0
+        for n in range(len(x)):
+            f = lambda flat: torch.func.functional_call(model, {f"{layer.name}.weight": flat.reshape(w0.shape)},
+                                                        (x[n:n + 1],))[0]
+            J = torch.autograd.functional.jacobian(f, w0.reshape(-1))  # (classes, weights)
+            p = f(w0.reshape(-1)).softmax(-1).detach()
+            H = torch.diag(p) - torch.outer(p, p)
+            total += torch.trace(J.t() @ H @ J).item()
+        traces[layer.name] = total / len(x)
+    return traces
+
+
+def test_fisher_trace_matches_the_exact_gauss_newton_trace():
+    from lorambo.sensitivity import fisher_trace
+
+    model, layers, batches, _ = small_problem(4)
+    output_fn = lambda m, b: (None, m(b["x"]))
+    exact = exact_fisher_trace(model, layers, batches[0])
+    ggn = exact_ggn_trace(model, layers, batches[0])
+    samples = fisher_trace(model, layers, batches, output_fn, "classification", samples=3000, seed=2)
+    for name in exact:
+        assert exact[name] == pytest.approx(ggn[name], rel=1e-10)  # two routes, one number
+        v = samples[name]
+        assert (v >= 0).all()
+        se = v.std(ddof=1) / math.sqrt(len(v))
+        assert abs(v.mean() - exact[name]) < 4 * se, (name, v.mean(), exact[name], se)
+
+
+def test_empirical_fisher_is_the_mean_squared_per_example_gradient():
+    from lorambo.sensitivity import fisher_trace
+
+    model, layers, batches, loss_fn = small_problem(5)
+    batch = {"x": batches[0]["x"][:6], "labels": batches[0]["y"][:6]}
+    output_fn = lambda m, b: (nn.functional.cross_entropy(m(b["x"]), b["labels"]), m(b["x"]))
+    got = sample_means(fisher_trace(model, layers, [batch], output_fn, "classification", empirical=True))
+    weights = [model.get_submodule(l.name).weight for l in layers]
+    for i, layer in enumerate(layers):
+        expected = 0.0
+        for n in range(6):
+            loss = nn.functional.cross_entropy(model(batch["x"][n:n + 1]), batch["labels"][n:n + 1])
+            expected += torch.autograd.grad(loss, weights)[i].pow(2).sum().item() / 6
+        assert got[layer.name] == pytest.approx(expected, rel=1e-10)
+
+
+def test_fisher_trace_of_a_regression_head_matches_its_gauss_newton_trace():
+    from lorambo.sensitivity import fisher_trace
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    layers = [LayerSpec("0", 5, 4), LayerSpec("2", 1, 5)]
+    batch = {"x": torch.randn(12, 4)}
+    exact = exact_fisher_trace(model, layers, batch, regression=True)
+    samples = fisher_trace(model, layers, [batch], lambda m, b: (None, m(b["x"])), "classification",
+                           samples=4000, seed=3)
+    for name, v in samples.items():
+        se = v.std(ddof=1) / math.sqrt(len(v))
+        assert abs(v.mean() - exact[name]) < 4 * se, (name, v.mean(), exact[name], se)
+
+
+def test_fisher_trace_of_a_language_model_counts_next_token_positions():
+    """LM logits (batch, positions, vocab): position t predicts token t + 1, so the last position is not an
+    output; the estimate against enumeration over the vocabulary at every other position."""
+    from lorambo.sensitivity import fisher_trace
+
+    torch.manual_seed(7)
+    emb, head = nn.Embedding(5, 4), nn.Linear(4, 5)
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    forward = lambda m, b: (None, m["head"](torch.tanh(m["emb"](b["input_ids"]))))
+    batch = {"input_ids": torch.randint(0, 5, (3, 4))}
+    layers = [LayerSpec("head", 5, 4)]
+    logits = forward(model, batch)[1][:, :-1].reshape(-1, 5)
+    exact = 0.0
+    for row in logits:
+        logp = row.log_softmax(-1)
+        for y in range(5):
+            (g,) = torch.autograd.grad(logp[y], head.weight, retain_graph=True)
+            exact += logp[y].exp().item() * g.pow(2).sum().item() / len(logits)
+    v = fisher_trace(model, layers, [batch], forward, "lm", samples=3000, seed=4)["head"]
+    se = v.std(ddof=1) / math.sqrt(len(v))
+    assert abs(v.mean() - exact) < 4 * se
+
+
+def test_estimates_carry_standard_errors_and_non_positive_counts():
+    from omegaconf import OmegaConf
+
+    from lorambo.sensitivity import estimate
+
+    model, layers, batches, loss_fn = small_problem(8)
+    batches = batches * 3
+    settings = OmegaConf.create({"gradient_batches": 3, "hessian_batches": 3, "hutchinson_probes": 2,
+                                 "fisher_batches": 3, "fisher_samples": 2, "fisher_labels": "model",
+                                 "power_iterations": 3, "covariance_batches": 1})
+    output_fn = lambda m, b: (loss_fn(m, b), m(b["x"]))
+    stats = estimate({"hessian_trace", "fisher_trace", "gradient"}, model, layers, batches, output_fn, settings,
+                     seed=0)
+    raw = hutchinson_trace(model, layers, batches, loss_fn, probes=2, seed=0)
+    for name, v in raw.items():
+        bars = stats["errors"]["hessian_trace"][name]
+        assert bars["samples"] == 6 and bars["non_positive"] == int((v <= 0).sum())
+        assert bars["standard_error"] == pytest.approx(v.std(ddof=1) / math.sqrt(6))
+        assert stats["hessian_trace_raw"][name] == pytest.approx(v.mean())
+        assert stats["hessian_trace"][name] > 0
+    assert all(stats["errors"]["fisher_trace"][n]["non_positive"] == 0 for n in stats["fisher_trace"])
+

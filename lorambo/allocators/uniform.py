@@ -24,3 +24,12 @@ def uniform_ranks(layers: list[LayerSpec], p_max: int, stats: dict, **_) -> dict
     while r < top and uniform_cost(layers, r + 1) <= p_max:
         r += 1
     return {layer.name: min(r, layer.max_rank) for layer in layers}
+
+
+def uniform_rank(layers: list[LayerSpec], p_max: int) -> float:
+    """r_u, the rank uniform gives at P_max (the matched scale policy's reference): its common rank, or where
+    rank 1 everywhere does not fit, the fraction P_max / sum_i c_i."""
+    total_cost = sum(layer.cost for layer in layers)
+    if p_max < total_cost:
+        return p_max / total_cost
+    return max(uniform_ranks(layers, p_max, {}).values())
