@@ -4,7 +4,13 @@ A checkpoint holds everything the next step depends on: the trainable tensors (a
 online growth), optimizer and scheduler state, the method's own state (growth, ARD-LoRA scales, AdaLoRA's
 importance scores), the step and the position in the epoch, timings so far, and every RNG. One file per run
 (`checkpoint.pt`, replaced atomically) plus one RNG file per process.
+
+Both are read with `torch.load(weights_only=True)`: tensors and plain containers only, so a planted file cannot
+run code on `resume=` (a full unpickler would call whatever `__reduce__` names). numpy's RNG state is stored as
+a tensor for that reason.
 """
+
+import pickle
 
 import json
 import os
@@ -32,7 +38,10 @@ def save_atomic(obj, path: str) -> None:
 
 
 def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                        has_gauss, cached],
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -40,7 +49,8 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -64,13 +74,22 @@ def checkpoint_file(run_dir: str) -> str:
     return path
 
 
+def safe_load(path: str):
+    """Tensors and plain containers only; anything else (code a pickle would run) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise LoramboError(f"'{path}' holds more than tensors and plain data, so it was not loaded (it could run "
+                           f"code); resume only checkpoints lorambo wrote ({str(e).splitlines()[0][:120]})")
+
+
 def load(run_dir: str, process_index: int) -> tuple[dict, dict]:
-    state = torch.load(checkpoint_file(run_dir), map_location="cpu", weights_only=False)
+    state = safe_load(checkpoint_file(run_dir))
     rng_file = rng_path(run_dir, process_index)
     if not os.path.exists(rng_file):
         raise LoramboError(f"checkpoint in '{run_dir}' has no RNG state for process {process_index}; "
                            f"resume with the number of processes the run had")
-    return state, torch.load(rng_file, weights_only=False)
+    return state, safe_load(rng_file)
 
 
 def remove(run_dir: str) -> None:

@@ -190,6 +190,7 @@ def run(cfg, run_dir: str) -> dict:
                                        for layer, bars in per_layer.items()}
                                 for name, per_layer in stats.get("errors", {}).items()}})
         if cfg.allocator.name == "hessian_online" and not cfg.allocator.get("from_run"):
+            # the raw, unfloored traces: growth divides by them and handles unusable ones itself
             growth = OnlineGrowth(layers, p_max, stats[f"{cfg.allocator.curvature}_raw"], cfg.allocator, run_dir,
                                   steps)
             if accelerator.is_main_process and resumed is None:
@@ -300,7 +301,8 @@ def run(cfg, run_dir: str) -> dict:
                     checkpoint.save(run_dir, {
                         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                         "initial_ranks": initial_ranks, "sensitivity_seconds": sensitivity_seconds,
-                        "stats": {k: stats[k] for k in [f"{cfg.allocator.curvature}_raw"]} if growth else {},
+                        # growth's curvature traces (raw: growth divides by them), for a resumed run's events
+                        "stats": {k: v for k, v in stats.items() if k.endswith("_raw")} if growth else {},
                         "tensors": training_tensors(unwrapped, full_ft, ard, adalora, growth),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "step_times": step_times, "interval": (float(interval_loss), interval_batches),
@@ -352,13 +354,13 @@ def run(cfg, run_dir: str) -> dict:
         "steps": step,
         "resumed_from_step": resumed["step"] if resumed is not None else None,
         "lr": cfg.train.lr,
-        # the update scale policy, and uniform's scale at this budget (what `matched` gives every layer)
-        "lora_scaling": None if full_ft or adalora else cfg.lora.scaling,
+        "lora_scaling": None if full_ft or adalora else cfg.lora.scaling,  # the update scale policy
         "ranks": final_ranks,
     }
     if growth is not None:
         metrics.update(growth.outcome(final_ranks))
-        if metrics["growth_unspent_params"] >= min(l.cost for l in layers) and not growth.stopped:
+        # the last event spends what positive benefits can take; budget is left only if the run ended first
+        if growth.events_left and metrics["growth_unspent_params"] >= min(l.cost for l in layers):
             warning = (f"hessian_online left {metrics['growth_unspent_params']:,} of P_max={p_max:,} unspent "
                        f"({metrics['growth_ended']}); set allocator.grow_every or train longer")
             metrics["warning"] = warning

@@ -92,3 +92,32 @@ def test_resume_without_a_checkpoint_is_one_line(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "lorambo-run: error: no checkpoint in" in result.stderr
+
+
+class Planted:
+    """What an attacker would put in a run folder: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("target", ["checkpoint.pt", "checkpoint_rng_0.pt"])
+def test_a_planted_pickle_is_refused_and_runs_nothing(target, tmp_path):
+    """Regression: checkpoint.py loaded both files with weights_only=False, so `resume=DIR` ran the command a
+    crafted checkpoint's __reduce__ named. Now only tensors and plain containers load."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    run_in_process([*TINY[:-1], "train.max_steps=4"], run_dir)  # leaves a real checkpoint (kept)
+    before = (run_dir / "metrics.json").read_text()
+    marker = tmp_path / "PWNED"
+    torch.save({"step": Planted(str(marker))}, run_dir / target)
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-run"), f"resume={run_dir}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "lorambo-run: error:" in result.stderr and "not loaded" in result.stderr
+    assert not marker.exists()
+    assert (run_dir / "metrics.json").read_text() == before  # the finished run's result is untouched
