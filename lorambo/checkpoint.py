@@ -10,10 +10,9 @@ run code on `resume=` (a full unpickler would call whatever `__reduce__` names).
 a tensor for that reason.
 """
 
-import pickle
-
 import json
 import os
+import pickle
 import random
 
 import numpy as np

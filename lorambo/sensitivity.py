@@ -65,6 +65,11 @@ def as_samples(layers, rows: list[torch.Tensor]) -> Samples:
     return {l.name: table[:, i] for i, l in enumerate(layers)}
 
 
+def squared_norms(grads) -> torch.Tensor:
+    """(n_layers,) float64 squared Frobenius norms of per-layer gradients, kept on the device."""
+    return torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads])
+
+
 def sample_means(samples: Samples) -> dict[str, float]:
     return {name: float(v.mean()) for name, v in samples.items()}
 
@@ -78,7 +83,7 @@ def gradient_sensitivity(model, layers, batches, loss_fn, keep_sum: bool = True
     with only_weights_require_grad(model, layers) as weights:
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), weights)
-            rows.append(torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads]))
+            rows.append(squared_norms(grads))
             if keep_sum:
                 for layer, g in zip(layers, grads):
                     g = to_matrix_grad(model.get_submodule(layer.name), g.detach())
@@ -138,14 +143,14 @@ def fisher_trace(model, layers, batches, output_fn, task_type: str, samples: int
                 for n in range(size):
                     one = {k: v[n:n + 1] for k, v in batch.items()}
                     grads = torch.autograd.grad(output_fn(model, one)[0], weights)
-                    total = total + torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads])
+                    total = total + squared_norms(grads)
                 rows.append(total / size)
                 continue
             logits = output_fn(model, batch)[1]
             for k in range(samples):
                 loss, count = sampled_label_loss(logits, task_type, generator)
                 grads = torch.autograd.grad(loss, weights, retain_graph=k < samples - 1)
-                rows.append(torch.stack([g.pow(2).sum(dtype=torch.float64) for g in grads]) / count)
+                rows.append(squared_norms(grads) / count)
     return as_samples(layers, rows)
 
 
