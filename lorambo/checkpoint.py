@@ -3,7 +3,8 @@
 A checkpoint holds everything the next step depends on: the trainable tensors (and the ranks they have, after
 online growth), optimizer and scheduler state, the method's own state (growth, ARD-LoRA scales, AdaLoRA's
 importance scores), the step and the position in the epoch, timings so far, and every RNG. One file per run
-(`checkpoint.pt`, replaced atomically) plus one RNG file per process.
+(`checkpoint.pt`, replaced atomically) plus one RNG file per process and checkpoint step: a run killed between
+writing step 20's RNG and step 20's checkpoint.pt resumes from step 10 with step 10's RNG, not step 20's.
 
 Both are read with `torch.load(weights_only=True)`: tensors and plain containers only, so a planted file cannot
 run code on `resume=` (a full unpickler would call whatever `__reduce__` names). numpy's RNG state is stored as
@@ -26,8 +27,14 @@ CHECKPOINT = "checkpoint.pt"
 CONFIG = "checkpoint_config.json"  # the run's resolved config, small: resume reads it without the tensors
 
 
-def rng_path(run_dir: str, rank: int) -> str:
-    return os.path.join(run_dir, f"checkpoint_rng_{rank}.pt")
+def rng_path(run_dir: str, rank: int, step: int) -> str:
+    return os.path.join(run_dir, f"checkpoint_rng_{rank}_step{step}.pt")
+
+
+def stale_rng_files(run_dir: str, step: int) -> list[str]:
+    """RNG files of checkpoints before `step` (and of the older unstamped layout)."""
+    return [os.path.join(run_dir, name) for name in os.listdir(run_dir)
+            if name.startswith("checkpoint_rng_") and not name.endswith(f"_step{step}.pt")]
 
 
 def save_atomic(obj, path: str) -> None:
@@ -56,13 +63,16 @@ def restore_rng(state: dict) -> None:
 
 
 def save(run_dir: str, state: dict, config: dict, accelerator) -> None:
-    """Each process writes its RNG first, then (after all have) the main process the shared state and the
-    config: a checkpoint.pt on disk always has its RNG files and config beside it."""
-    save_atomic(capture_rng(), rng_path(run_dir, accelerator.process_index))
+    """Each process writes its RNG for this step first, then (after all have) the main process the config and
+    the shared state, and only then removes the previous step's RNG files: a checkpoint.pt on disk always has
+    the RNG files of its own step beside it, wherever the run is killed."""
+    save_atomic(capture_rng(), rng_path(run_dir, accelerator.process_index, state["step"]))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(run_dir, CONFIG), config)
         save_atomic(state, os.path.join(run_dir, CHECKPOINT))
+        for path in stale_rng_files(run_dir, state["step"]):
+            os.remove(path)
 
 
 def checkpoint_file(run_dir: str) -> str:
@@ -84,7 +94,10 @@ def safe_load(path: str):
 
 def load(run_dir: str, process_index: int) -> tuple[dict, dict]:
     state = safe_load(checkpoint_file(run_dir))
-    rng_file = rng_path(run_dir, process_index)
+    rng_file = rng_path(run_dir, process_index, state["step"])
+    legacy = os.path.join(run_dir, f"checkpoint_rng_{process_index}.pt")  # written before the files had steps
+    if not os.path.exists(rng_file) and os.path.exists(legacy):
+        rng_file = legacy
     if not os.path.exists(rng_file):
         raise LoramboError(f"checkpoint in '{run_dir}' has no RNG state for process {process_index}; "
                            f"resume with the number of processes the run had")

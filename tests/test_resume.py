@@ -87,6 +87,38 @@ def test_a_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
 
 
+def test_a_run_killed_between_its_rng_and_its_checkpoint_resumes_from_the_last_whole_checkpoint(tmp_path,
+                                                                                                 monkeypatch):
+    """Regression: each process's RNG file was replaced before checkpoint.pt, so a run killed between the two
+    writes of step 6 resumed from step 3's state with step 6's RNG (the CI failure of the killed-by-a-signal
+    test: other dropout masks, other growth). Now the RNG files are stamped with their step."""
+    from lorambo import checkpoint
+
+    args = [*TINY, "allocator=hessian_online", "allocator.grow_every=4", "allocator.growth_events=2"]
+    expected = run_in_process(args, tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    real_save_atomic, writes = checkpoint.save_atomic, []
+
+    def killed_at_the_second_checkpoint(obj, path):
+        if path.endswith("checkpoint.pt"):
+            writes.append(path)
+            if len(writes) == 2:
+                raise Killed  # step 6's RNG is on disk, its checkpoint.pt is not
+        real_save_atomic(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save_atomic", killed_at_the_second_checkpoint)
+    with pytest.raises(Killed):
+        run_in_process(args, tmp_path / "killed")
+    monkeypatch.setattr(checkpoint, "save_atomic", real_save_atomic)
+    got = run(resume_config(str(tmp_path / "killed")), str(tmp_path / "killed"))
+    assert got["resumed_from_step"] == 3
+    assert got["ranks"] == expected["ranks"] and got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
+
+
 def test_resume_without_a_checkpoint_is_one_line(tmp_path):
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-run"), f"resume={tmp_path}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -104,7 +136,7 @@ class Planted:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("target", ["checkpoint.pt", "checkpoint_rng_0.pt"])
+@pytest.mark.parametrize("target", ["checkpoint.pt", "checkpoint_rng_0_step3.pt"])
 def test_a_planted_pickle_is_refused_and_runs_nothing(target, tmp_path):
     """Regression: checkpoint.py loaded both files with weights_only=False, so `resume=DIR` ran the command a
     crafted checkpoint's __reduce__ named. Now only tensors and plain containers load."""
