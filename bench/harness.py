@@ -23,16 +23,19 @@ import torch
 from omegaconf import OmegaConf
 
 import lorambo  # noqa: F401  (torchvision fix)
-from lorambo.adapters import lora_layers, wrap_lora
+from lorambo.adapters import grow_rank, lora_layers, wrap_lora
+from lorambo.allocation import allocator_options, estimation_batches
 from lorambo.allocators import allocate
 from lorambo.budget import LayerSpec, resolve_p_max
 from lorambo.config import compose_config
 from lorambo.data import load_task
-from lorambo.growth import grow_rank
+from lorambo.evaluation import evaluate, loss_and_logits
+from lorambo.methods import build_method
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
+from lorambo.optimizers import build_optimizer
 from lorambo.results import optimizer_state_bytes
 from lorambo.sensitivity import estimate
-from lorambo.train import build_optimizer, evaluate, forward, train_step
+from lorambo.train import train_step
 
 
 def spread(times: list[float]) -> dict:
@@ -102,7 +105,8 @@ def lorambo_stepper(model, cfg):
     accelerator = Accelerator(mixed_precision="no", cpu=True)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
-    return lambda batch: train_step(model, batch, optimizer, scheduler, accelerator, trainable, cfg)
+    method = build_method(cfg, [], 10**6, "", False)  # the configured method's hooks (LoRA: none in a step)
+    return lambda batch: train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, 1)
 
 
 def setting(overrides, batch_size: int, n_batches: int, max_length: int | None = 64):
@@ -183,14 +187,11 @@ def sensitivity_share(args) -> dict:
     model = build_model(cfg.model, cfg.task, tokenizer)
     load_seconds = time.perf_counter() - start
     layers = adaptable_layers(model, cfg.model.target_modules)
-    loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True,
-                                         collate_fn=data.collate_fn, generator=torch.Generator().manual_seed(1))
     s = cfg.sensitivity
-    batches = [b for _, b in zip(range(max(s.gradient_batches, s.hessian_batches, s.covariance_batches,
-                                           s.fisher_batches)), loader)]
+    batches = estimation_batches(data, cfg, "cpu")  # the runner's own
 
     def output_fn(m, b):
-        return forward(m, b, cfg.task.type)
+        return loss_and_logits(m, b, cfg.task.type)
 
     out = {}
     estimators = (("gradient", "gradient"), ("hutchinson", "hessian_trace"), ("fisher", "fisher_trace"),
@@ -229,14 +230,13 @@ def online_growth_cost(cfg, base_model, layers, batches, output_fn) -> dict:
 
     from accelerate import Accelerator
 
-    from lorambo.growth import OnlineGrowth
+    from lorambo.methods.growth import OnlineGrowth
 
-    a = cfg.allocator if cfg.allocator.name == "hessian_online" else compose_config(
-        ["allocator=hessian_online"]).allocator
+    online = compose_config(["allocator=hessian_online"])  # its start, and the growth method's settings
+    a = OmegaConf.create(OmegaConf.to_container(online.method, resolve=True))
     p_max = resolve_p_max(cfg.budget, layers)
     stats = estimate({a.curvature}, base_model, layers, batches, output_fn, cfg.sensitivity, 0, cfg.task.type)
-    ranks = allocate("hessian_online", layers, p_max, stats, start=a.start, start_rank=a.start_rank,
-                     offline_fraction=a.offline_fraction, curvature=a.curvature)
+    ranks = allocate("hessian_online", layers, p_max, stats, **allocator_options(online.allocator))
     model = wrap_lora(copy.deepcopy(base_model), ranks, cfg.model.head_modules, cfg.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -302,15 +302,17 @@ def allocation_time(args) -> dict:
 def full_ft_optimizers(args) -> dict:
     """AdamW, GaLore r=4 and AdaRankGrad (initial rank 4) training every weight of MiniLM, with lorambo's
     parameter groups (adaptable matrices projected, the rest plain Adam) and its configs' settings."""
-    cfg, model, batches = setting(["allocator=full_ft"], args.batch_size, args.steps)
+    cfg, model, batches = setting(["method=full_ft"], args.batch_size, args.steps)
     layers = adaptable_layers(model, cfg.model.target_modules)
     steppers, optimizers, rank_means = {}, {}, {}
     for name in ("adamw", "galore", "adarankgrad"):
         m = copy.deepcopy(model)
         m.train()
         params = list(m.parameters())
-        opt = build_optimizer(compose_config(["allocator=full_ft", f"optimizer={name}"]), m, layers, params,
-                              full_ft=True)
+        run_cfg = compose_config(["method=full_ft", f"optimizer={name}"])
+        method = build_method(run_cfg, layers, args.steps, "", False)  # the runner's own parameter groups
+        method.wrap(m, None, {}, {})
+        opt = build_optimizer(run_cfg.optimizer, run_cfg.train, method.param_groups(m))
         rank_means[name] = []
 
         def step(batch, plain=adamw_step(m, opt, lambda params=params: params), opt=opt, name=name):

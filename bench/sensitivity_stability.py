@@ -28,7 +28,8 @@ from lorambo.config import compose_config
 from lorambo.data import load_task
 from lorambo.models import adaptable_layers, build_model, build_tokenizer, head_parameters
 from lorambo.sensitivity import estimate, warmed_up_head
-from lorambo.train import estimation_batches, forward
+from lorambo.allocation import estimation_batches
+from lorambo.evaluation import loss_and_logits
 
 STATISTICS = ("hessian_trace", "fisher_trace", "gradient")
 
@@ -45,7 +46,7 @@ def measure(task: str, seed: int, warmup: int) -> dict:
     layers = adaptable_layers(model, cfg.model.target_modules)
     p_max = resolve_p_max(cfg.budget, layers)
     batches = estimation_batches(data, cfg, "cpu")
-    output_fn = lambda m, b: forward(m, b, cfg.task.type)
+    output_fn = lambda m, b: loss_and_logits(m, b, cfg.task.type)
     out = {"layers": [l.name for l in layers]}
     for stat in STATISTICS:
         start = time.perf_counter()

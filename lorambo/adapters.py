@@ -1,10 +1,16 @@
-"""Wrapping a base model in a PEFT LoRA adapter with per-layer ranks, and counting what it really holds."""
+"""Wrapping a base model in a PEFT LoRA adapter with per-layer ranks, counting what it really holds, and the
+surgery that changes a wrapped layer's rank in place (online growth grows it, ARD-LoRA cuts it).
+
+PEFT has no way to change a LoRA layer's rank in place, so `grow_rank` and `set_rank` do it by hand: rows are
+appended to A and (zero) columns to B, the layer's scale of the existing components is kept (so the model's
+function is unchanged at that moment), and the optimizer state is carried over (new entries start at zero)."""
 
 import re
 
+import torch
 from torch import nn
 
-from lorambo.budget import LayerSpec
+from lorambo.budget import LayerSpec, allocation_cost
 from lorambo.errors import LoramboError
 
 
@@ -87,51 +93,74 @@ def adapter_parameter_count(peft_model: nn.Module) -> int:
 def expected_parameter_count(ranks: dict[str, int], layers: list[LayerSpec], dora: bool = False) -> int:
     """sum_i r_i c_i, plus DoRA's magnitude vector (d_out per adapted layer)."""
     by_name = {layer.name: layer for layer in layers}
-    return sum(r * by_name[n].cost + (by_name[n].d_out if dora else 0) for n, r in ranks.items())
-
-
-def adalora_target_rank(layers: list[LayerSpec], p_max: int) -> int:
-    """AdaLoRA keeps target_r ranks per layer on average, each costing d_out + d_in + 1 (A row, B column,
-    singular value): the largest target_r whose uniform cost fits P_max."""
-    return p_max // sum(layer.cost + 1 for layer in layers)
-
-
-def wrap_adalora(model: nn.Module, layers: list[LayerSpec], p_max: int, head_modules, lora_cfg, options,
-                 total_steps: int) -> nn.Module:
-    """PEFT's AdaLoRA on the same layers: budget mapped to target_r, starting from init_r_ratio x target_r;
-    the pruning schedule (tinit, tfinal) as fractions of the run."""
-    from peft import AdaLoraConfig, get_peft_model
-
-    if any(layer.kind == "conv2d" for layer in layers):
-        # measured: on tiny_resnet PEFT's AdaLoRA kept 20 of its 51-rank budget, pruning every bottleneck conv
-        raise LoramboError("allocator=adalora does not support convolutions (PEFT's AdaLoRA prunes them below "
-                           "its budget); use allocator=dora or a LoRAMBo allocator for this model")
-    target_r = adalora_target_rank(layers, p_max)
-    if target_r < 1:
-        raise LoramboError(f"budget P_max={p_max:,} is below AdaLoRA's target rank 1 "
-                           f"({sum(l.cost + 1 for l in layers):,} params); choose a larger budget")
-    tinit, tfinal = int(options.tinit_fraction * total_steps), int(options.tfinal_fraction * total_steps)
-    if total_steps - tinit - tfinal < 1:
-        tinit, tfinal = 0, 0
-    config = AdaLoraConfig(
-        init_r=max(target_r, round(options.init_r_ratio * target_r)), target_r=target_r, tinit=tinit,
-        tfinal=tfinal, deltaT=options.delta_t, orth_reg_weight=options.orth_reg_weight, total_step=total_steps,
-        lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-        target_modules=rf"^({'|'.join(re.escape(l.name) for l in layers)})$",
-        modules_to_save=list(head_modules) or None,
-    )
-    return get_peft_model(model, config)
-
-
-def adalora_effective_ranks(peft_model: nn.Module) -> dict[str, int]:
-    """Ranks AdaLoRA kept (its rank pattern's True entries; before any pruning, the full init_r)."""
-    pattern = peft_model.peft_config["default"].rank_pattern
-    if not pattern:
-        return adapter_ranks(peft_model)
-    return {key.removeprefix("base_model.model.").removesuffix(".default").removesuffix(".lora_E"): int(sum(mask))
-            for key, mask in pattern.items()}
+    return allocation_cost(ranks, layers) + (sum(by_name[n].d_out for n in ranks) if dora else 0)
 
 
 def effective_scalings(peft_model: nn.Module) -> dict[str, float]:
     """Each LoRA layer's update scale as PEFT applies it (layer.scaling), read from the wrapped model."""
     return {name: float(m.scaling[ADAPTER]) for name, m in lora_layers(peft_model).items()}
+
+
+def factor_matrices(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A as (r, d_in) and B as (d_out, r), whatever the layer type (Conv2d: A's kernel flattened)."""
+    A = layer.lora_A[ADAPTER].weight
+    B = layer.lora_B[ADAPTER].weight
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+
+
+def _replace_parameter(module: nn.Module, new: torch.Tensor, optimizer, old_slice) -> None:
+    """Swap module.weight for `new` (old values already copied in), in the optimizer too: every state tensor of
+    the parameter's shape grows the same way with zeros in the new entries; scalars (step) are kept."""
+    old = module.weight
+    param = nn.Parameter(new, requires_grad=old.requires_grad)
+    module.weight = param
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [param if p is old else p for p in group["params"]]
+    if old in optimizer.state:
+        state = optimizer.state.pop(old)
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == old.shape:
+                grown = torch.zeros_like(new)
+                grown[old_slice] = value
+                state[key] = grown
+        optimizer.state[param] = state
+
+
+@torch.no_grad()
+def grow_rank(layer, new_rows: torch.Tensor, optimizer=None) -> None:
+    """Raise the layer's rank by len(new_rows): A gets `new_rows` (each of length d_in), B gets zero columns."""
+    k = new_rows.shape[0]
+    if k == 0:
+        return
+    r = layer.r[ADAPTER]
+    lora_A, lora_B = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    A, B = lora_A.weight, lora_B.weight
+    new_A = torch.cat([A, new_rows.reshape(k, *A.shape[1:]).to(A)], dim=0)
+    new_B = torch.cat([B, torch.zeros(B.shape[0], k, *B.shape[2:], dtype=B.dtype, device=B.device)], dim=1)
+    _replace_parameter(lora_A, new_A, optimizer, (slice(0, r),))
+    _replace_parameter(lora_B, new_B, optimizer, (slice(None), slice(0, r)))
+    set_rank(layer, r + k)
+
+
+def set_rank(layer, rank: int) -> None:
+    """Record a LoRA layer's new rank after its factors were replaced. The scale of the existing components
+    stays; alpha follows so that alpha/r (rsLoRA: alpha/sqrt r) still equals it, and a saved adapter reloads
+    with the same scale."""
+    lora_A, lora_B = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    if isinstance(lora_A, nn.Conv2d):
+        lora_A.out_channels, lora_B.in_channels = rank, rank
+    else:
+        lora_A.out_features, lora_B.in_features = rank, rank
+    scale = layer.scaling[ADAPTER]
+    layer.r[ADAPTER] = rank
+    layer.lora_alpha[ADAPTER] = scale * (rank ** 0.5 if layer.use_rslora.get(ADAPTER, False) else rank)
+
+
+def sync_peft_config(peft_model: nn.Module) -> None:
+    """Write the layers' real ranks and alphas into the PEFT config, so the saved adapter reloads as it is."""
+    config = peft_model.peft_config[ADAPTER]
+    layers = lora_layers(peft_model)
+    config.rank_pattern = {rank_pattern_key(n): int(m.r[ADAPTER]) for n, m in layers.items()}
+    config.alpha_pattern = {rank_pattern_key(n): float(m.lora_alpha[ADAPTER]) for n, m in layers.items()}

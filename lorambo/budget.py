@@ -56,11 +56,12 @@ def check_budget(p_max: int, layers: list[LayerSpec]) -> None:
     if p_max > full:
         raise LoramboError(
             f"budget P_max={p_max:,} exceeds full rank on every layer ({full:,} params); "
-            f"choose a smaller budget or allocator=full_ft"
+            f"choose a smaller budget or method=full_ft"
         )
 
 
 def allocation_cost(ranks: dict[str, int], layers: list[LayerSpec]) -> int:
+    """sum_i r_i c_i: what an allocation costs in adapter parameters (the one cost function)."""
     by_name = {layer.name: layer for layer in layers}
     return sum(r * by_name[name].cost for name, r in ranks.items())
 

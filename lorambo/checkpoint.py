@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lorambo.errors import LoramboError
-from lorambo.results import write_json_atomic
+from lorambo.results import read_jsonl, write_atomic, write_json_atomic, write_text_atomic
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "checkpoint_config.json"  # the run's resolved config, small: resume reads it without the tensors
@@ -38,9 +38,7 @@ def stale_rng_files(run_dir: str, step: int) -> list[str]:
 
 
 def save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def capture_rng() -> dict:
@@ -94,6 +92,9 @@ def safe_load(path: str):
 
 def load(run_dir: str, process_index: int) -> tuple[dict, dict]:
     state = safe_load(checkpoint_file(run_dir))
+    if "progress" not in state or "method" not in state:
+        raise LoramboError(f"the checkpoint in '{run_dir}' was written by an older lorambo (before methods were "
+                           f"plug-ins) and cannot be continued; start the run again")
     rng_file = rng_path(run_dir, process_index, state["step"])
     legacy = os.path.join(run_dir, f"checkpoint_rng_{process_index}.pt")  # written before the files had steps
     if not os.path.exists(rng_file) and os.path.exists(legacy):
@@ -123,7 +124,17 @@ def truncate_jsonl(path: str, step: int) -> None:
     """Drop the records a killed run wrote after its last checkpoint (they will be written again)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+    keep = [record for record in read_jsonl(path) if record["step"] <= step]
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in keep))
+
+
+def continue_from(resumed: dict, rng: dict, optimizer, scheduler, run_dir: str, main: bool) -> dict:
+    """A checkpoint's optimizer, schedule and RNG back in place, the logs cut back to its step; returns where
+    the loop was (train.Progress's fields)."""
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    if main:  # what a killed run logged after its checkpoint is logged again
+        for name in ("metrics_log.jsonl", "rank_history.jsonl"):
+            truncate_jsonl(os.path.join(run_dir, name), resumed["step"])
+    restore_rng(rng)
+    return resumed["progress"]

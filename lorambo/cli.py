@@ -5,32 +5,57 @@ import sys
 import traceback
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 import lorambo  # noqa: F401  (torchvision fix before anything imports it)
 from lorambo.config import CONF_DIR
 from lorambo.errors import LoramboError
 
-CONFIG_GROUPS = ("model", "task", "allocator", "budget", "logger", "optimizer", "method", "experiment")
 _failures = []
+# names that were allocators before the way of training became its own config group
+MOVED_TO_METHOD = {"allocator": ("adalora", "ard_lora", "dora", "full_ft")}
 
 
-def group_options(group: str) -> list[str]:
-    folder = os.path.join(CONF_DIR, group)
-    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml") and not f.startswith("_"))
+def config_dirs(argv: list[str]) -> list[str]:
+    """lorambo's configs and the folders a `hydra.searchpath=[file://DIR,...]` adds (a plug-in's yaml)."""
+    dirs = [CONF_DIR]
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "hydra.searchpath":
+            dirs += [p.strip(" '\"")[len("file://"):] for p in value.strip("[]").split(",")
+                     if p.strip(" '\"").startswith("file://")]
+    return dirs
+
+
+def config_groups(dirs: list[str]) -> list[str]:
+    """The config groups: the folders that hold yaml files (hydra's own excepted)."""
+    return sorted({d for root in dirs if os.path.isdir(root) for d in os.listdir(root)
+                   if d != "hydra" and os.path.isdir(os.path.join(root, d))
+                   and any(f.endswith(".yaml") for f in os.listdir(os.path.join(root, d)))})
+
+
+def group_options(group: str, dirs: list[str] = (CONF_DIR,)) -> list[str]:
+    folders = [os.path.join(root, group) for root in dirs if os.path.isdir(os.path.join(root, group))]
+    return sorted({f[:-5] for folder in folders for f in os.listdir(folder)
+                   if f.endswith(".yaml") and not f.startswith("_")})
 
 
 def check_group_choices(argv: list[str]) -> None:
     """Hydra reports an unknown group option in a dozen lines; say it in one, with the choices."""
+    dirs = config_dirs(argv)
+    groups = config_groups(dirs)
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in CONFIG_GROUPS or value in ("", "null"):
+        if not sep or key not in groups or value in ("", "null"):
             continue
         choices = value.split(",") if not value.startswith(("glob(", "range(", "choice(")) else []
         for choice in choices:
-            if choice not in group_options(key):
-                raise LoramboError(f"unknown {key} '{choice}'; choose one of: {', '.join(group_options(key))}")
+            if choice in MOVED_TO_METHOD.get(key, ()):
+                raise LoramboError(f"{choice} is a way of training, not an allocator: use method={choice}")
+            if choice not in group_options(key, dirs):
+                raise LoramboError(f"unknown {key} '{choice}'; choose one of: "
+                                   f"{', '.join(group_options(key, dirs))}")
 
 
 def fail(message: str) -> None:

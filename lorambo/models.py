@@ -1,5 +1,6 @@
 """Building base models (hub id, local path, or a config with no download) and finding adaptable layers."""
 
+import os
 import re
 
 import torch
@@ -123,3 +124,12 @@ def head_parameters(model: nn.Module, head_modules) -> list[torch.nn.Parameter]:
     for name in head_modules:
         params += list(model.get_submodule(name).parameters())
     return params
+
+
+def save_base_model(model, model_cfg, run_dir: str) -> None:
+    path = os.path.join(run_dir, "base_model")
+    if model_cfg.family == "vision":
+        os.makedirs(path, exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(path, "model.pt"))
+    else:
+        model.save_pretrained(path)

@@ -19,6 +19,11 @@ DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAST
                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
+# what makes a pretrained base: its shape (overridable on the command line) and how it is pretrained
+SHAPE = ("hf_config", "timm_name", "timm_kwargs", "in_chans")
+DEFINING = ("family", *SHAPE, "pretrain")
+
+
 def cache_root() -> str:
     return os.environ.get("LORAMBO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lorambo", "bases")
 
@@ -49,9 +54,6 @@ def ensure_pretrained(model_cfg) -> str:
     return weights_path(base, model_cfg.family)
 
 
-DEFINING = ("family", "hf_config", "timm_name", "timm_kwargs", "in_chans", "pretrain")
-
-
 def hydra_value(value) -> str:
     """A plain value (str, number, bool, None, list, dict) in Hydra's override grammar."""
     if isinstance(value, dict):
@@ -68,8 +70,8 @@ def pretrain(model_cfg, base: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     spec = OmegaConf.to_container(model_cfg, resolve=True)
     # the model exactly as this run has it (its shape may be overridden), trained from scratch
-    shape = [f"++model.{k}={hydra_value(spec[k])}" for k in DEFINING[1:-1] if spec.get(k) is not None]
-    args = [f"model={model_cfg.name}", *shape, "allocator=full_ft", "logger=none", "++model.pretrain=null",
+    shape = [f"++model.{k}={hydra_value(spec[k])}" for k in SHAPE if spec.get(k) is not None]
+    args = [f"model={model_cfg.name}", *shape, "method=full_ft", "logger=none", "++model.pretrain=null",
             *model_cfg.pretrain.overrides, f"hydra.run.dir={tmp}"]
     print(f"lorambo: pretraining the base {model_cfg.name} once (cached in {base}): lorambo-run {' '.join(args)}",
           file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ report the cells that have no result. Writes report.{md,tex,csv} and PNG plots i
 """
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -18,16 +19,37 @@ import sys
 import yaml
 
 from lorambo import paper_tables
+from lorambo.config import CONF_DIR
 from lorambo.errors import LoramboError
+from lorambo.results import read_jsonl
 
 PERCENT_METRICS = ("accuracy", "f1", "mcc", "pearson")
 TASK_ORDER = ["cola", "stsb", "mrpc", "rte", "sst2", "mnli", "qnli", "qqp", "wikitext103", "imagenet1k",
               "rt_snippets", "wiki_pairs", "wiki_summaries", "wiki_adapt", "fashion_mnist", "fmnist_adapt"]
-ROW_ORDER = ["full_ft", "galore", "adarankgrad", "lora", "dora", "adalora", "ard_lora", "uniform", "frobenius_greedy",
-             "gradient", "hessian_offline", "hessian_online", "data_weighted"]
+
+
+@functools.cache
+def row_order() -> tuple[str, ...]:
+    """Table rows in the papers' order, from the configs: each method, optimizer and allocator yaml says where
+    its row goes (`report_order`); a row is placed by the first name it starts with."""
+    placed = []
+    for group in ("method", "optimizer", "allocator"):
+        folder = os.path.join(CONF_DIR, group)
+        for file in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, file)) as f:
+                spec = yaml.safe_load(f) or {}
+            if "report_order" in spec:
+                placed.append((spec["report_order"], spec["name"]))
+    return tuple(name for _, name in sorted(placed))
+
 
 
 # --- reading runs
+
+def read_yaml(path: str):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
 
 def load_run(run_dir: str) -> dict:
     """metrics.json, with what older runs did not record filled in from Hydra's saved config."""
@@ -36,7 +58,7 @@ def load_run(run_dir: str) -> dict:
     m["run_dir"] = run_dir
     if "budget" not in m:
         cfg_path = os.path.join(run_dir, ".hydra", "config.yaml")
-        cfg = yaml.safe_load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+        cfg = read_yaml(cfg_path) if os.path.exists(cfg_path) else {}
         from omegaconf import OmegaConf
 
         from lorambo.budget import budget_label
@@ -76,7 +98,7 @@ def canonical_config(cfg: dict) -> str:
 def run_identity(m: dict) -> str | None:
     """The run's composed config (Hydra's .hydra/config.yaml), as text to compare."""
     path = os.path.join(m["run_dir"], ".hydra", "config.yaml")
-    return canonical_config(yaml.safe_load(open(path))) if os.path.exists(path) else None
+    return canonical_config(read_yaml(path)) if os.path.exists(path) else None
 
 
 def cell_identity(cell: list[str]) -> str | None:
@@ -110,7 +132,8 @@ def missing_cells(sweep_dir: str) -> list[tuple[str, list[str]]]:
         reason = "not run (sweep stopped or job lost)" if not folders else "no metrics.json (killed?)"
         for d in folders:
             if os.path.exists(os.path.join(d, "error.txt")):
-                reason = "failed: " + open(os.path.join(d, "error.txt")).read().strip().splitlines()[0]
+                with open(os.path.join(d, "error.txt")) as f:
+                    reason = "failed: " + f.read().strip().splitlines()[0]
         lines.append((f"missing: {sweep_dir} job {num} ({varying or ' '.join(cell)}): {reason}", cell))
     return lines
 
@@ -120,7 +143,7 @@ def missing_cells(sweep_dir: str) -> list[tuple[str, list[str]]]:
 def row_key(m: dict) -> str:
     """The table row of a run: `full_ft`, `galore_r4`, `lora_r4`, `hessian_offline_r4x1.12`, or for absolute
     budgets (a column there) just the allocator."""
-    if m["allocator"] == "full_ft":
+    if m["budget"] is None:  # no adapter: full fine-tuning, a row per optimizer
         return "full_ft" if m["optimizer"] == "adamw" else f"{m['optimizer']}_r{m['optimizer_rank']}"
     if m["budget"].endswith("M"):
         row = m["allocator"]
@@ -132,10 +155,11 @@ def row_key(m: dict) -> str:
 
 
 def scale_policy(m: dict) -> str | None:
-    """The run's update scale policy; runs from before lora.scaling existed trained at alpha / r_i."""
-    if m["allocator"] in ("full_ft", "adalora"):
-        return None
-    return m.get("lora_scaling", "per_layer")
+    """The run's update scale policy (None: no LoRA scale, as full fine-tuning and AdaLoRA); runs from before
+    lora.scaling existed trained at alpha / r_i."""
+    if "lora_scaling" in m:
+        return m["lora_scaling"]
+    return None if m["allocator"] in ("full_ft", "adalora") else "per_layer"
 
 
 def baseline_row(row: str) -> str | None:
@@ -198,7 +222,7 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
             "p_vs_uniform": welch_p(values, base_values) if base_values else None,
             "adapter_params": statistics.mean(m["adapter_params"] for m in runs_here),
             "adapter_mib": statistics.mean(
-                m["adapter_mib"] if m["allocator"] != "full_ft" else m["trainable_params"] * 4 / 2**20
+                m["adapter_mib"] if m["budget"] is not None else m["trainable_params"] * 4 / 2**20
                 for m in runs_here),
             "optimizer_mib": statistics.mean(m["optimizer_state_bytes"] for m in runs_here) / 2**20,
             "peak_mib": statistics.mean(m.get("peak_memory_bytes") or 0 for m in runs_here) / 2**20,
@@ -213,7 +237,8 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
 
 
 def row_sort_key(row: str):
-    head = next((i for i, name in enumerate(ROW_ORDER) if row.startswith(name)), len(ROW_ORDER))
+    order = row_order()
+    head = next((i for i, name in enumerate(order) if row.startswith(name)), len(order))
     return head, row
 
 
@@ -311,47 +336,55 @@ def plot_all(cells: list[dict], out_dir: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
+    return [*metric_plots(cells, out_dir), *rank_heat_maps(cells, out_dir), *rank_histories(cells, out_dir)]
+
+
+def metric_plot(series, xlabel, name, model, task, metric, out_dir) -> str:
+    """One line (or point) per series: (label, [(x, mean, std)]), log x."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    from lorambo.plots import plot_rank_history
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series:
+        x, y, err = zip(*sorted(points))
+        ax.errorbar(x, y, yerr=[0 if math.isnan(e) else e for e in err], marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{model} {task}: {metric} against {xlabel}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, slug(metric, name, model, task) + ".png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
-    def metric_plot(series, xlabel, name, model, task, metric):
-        """One line (or point) per series: (label, [(x, mean, std)]), log x."""
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, points in series:
-            x, y, err = zip(*sorted(points))
-            ax.errorbar(x, y, yerr=[0 if math.isnan(e) else e for e in err], marker="o", capsize=3, label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{model} {task}: {metric} against {xlabel}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, slug(metric, name, model, task) + ".png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
 
+def metric_plots(cells: list[dict], out_dir: str) -> list[str]:
     written = []
     for model, task, metric in sorted({(c["model"], c["task"], c["metric"]) for c in cells}):
         here = sorted((c for c in cells if (c["model"], c["task"], c["metric"]) == (model, task, metric)),
                       key=lambda c: row_sort_key(c["row"]))
-        adapters = [c for c in here if c["runs"][0]["allocator"] != "full_ft"]
+        adapters = [c for c in here if c["runs"][0]["budget"] is not None]
         if adapters:
             written.append(metric_plot(
                 [(allocator, [(c["adapter_params"], c["mean"], c["std"]) for c in adapters
                               if c["runs"][0]["allocator"] == allocator])
                  for allocator in sorted({c["runs"][0]["allocator"] for c in adapters})],
-                "adapter parameters", "vs_params", model, task, metric))
+                "adapter parameters", "vs_params", model, task, metric, out_dir))
         if len(adapters) < len(here):  # full fine-tuning rows: every row by what its optimizer holds
             written.append(metric_plot(
                 [(f"{c['row']} {c['budget']}" if c["budget"].endswith("M") else c["row"],  # as row_key names rows
                   [(c["optimizer_mib"], c["mean"], c["std"])]) for c in here],
-                "optimizer state MiB", "vs_optimizer_state", model, task, metric))
+                "optimizer state MiB", "vs_optimizer_state", model, task, metric, out_dir))
+    return written
 
-    # heat maps: one per (model, task, budget); rows the allocators' seed-averaged ranks, columns the layers
-    seen = set()
+
+def rank_heat_maps(cells: list[dict], out_dir: str) -> list[str]:
+    """One per (model, task, budget): rows the allocators' seed-averaged ranks, columns the layers."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    seen, written = set(), []
     for c in cells:
         key = (c["model"], c["task"], c["budget"])
         if key in seen or c["budget"] == "-":
@@ -378,9 +411,14 @@ def plot_all(cells: list[dict], out_dir: str) -> list[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    return written
 
-    # rank over training: the first seed of every row that recorded a history
-    done = set()
+
+def rank_histories(cells: list[dict], out_dir: str) -> list[str]:
+    """Rank over training: the first seed of every row that recorded a history where it changed."""
+    from lorambo.plots import plot_rank_history
+
+    done, written = set(), []
     for c in cells:
         first = sorted(c["runs"], key=lambda m: m["seed"])[0]
         history_path = os.path.join(first["run_dir"], "rank_history.jsonl")
@@ -388,8 +426,7 @@ def plot_all(cells: list[dict], out_dir: str) -> list[str]:
         if key in done or not os.path.exists(history_path):
             continue
         done.add(key)
-        with open(history_path) as f:
-            history = [json.loads(line) for line in f]
+        history = read_jsonl(history_path)
         if all(h["ranks"] == history[0]["ranks"] for h in history):
             continue  # a fixed rank (GaLore): no history to draw
         layers = list(history[-1]["ranks"])

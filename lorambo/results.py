@@ -8,13 +8,14 @@ import tempfile
 import torch
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+def write_atomic(path, write, binary: bool = False) -> None:
+    """`write(f)` into a temporary file in the same folder, flushed to disk, then renamed over `path`: a reader
+    (or a resumed run) never sees half a file, whatever kills the writer. The one atomic writer."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone who can read the folder
@@ -24,8 +25,24 @@ def write_text_atomic(path, text: str) -> None:
         raise
 
 
+def write_text_atomic(path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text))
+
+
 def write_json_atomic(path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def append_jsonl(path, record: dict) -> None:
+    """One record as one line (metrics_log.jsonl, rank_history.jsonl): the one JSONL writer."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every record of a JSONL file: the one JSONL reader."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -59,3 +76,15 @@ def peak_memory_bytes(device) -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class RunLog:
+    """metrics_log.jsonl (main process) and the tracker, one record per call."""
+
+    def __init__(self, accelerator, path: str):
+        self.accelerator, self.path = accelerator, path
+
+    def __call__(self, record: dict, step: int) -> None:
+        if self.accelerator.is_main_process:
+            append_jsonl(self.path, {"step": step, **record})
+        self.accelerator.log(record, step=step)

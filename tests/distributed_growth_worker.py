@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import lorambo  # noqa: F401
+from lorambo.adapters import factor_matrices, lora_layers
 from lorambo.budget import LayerSpec
-from lorambo.adapters import lora_layers
-from lorambo.growth import OnlineGrowth, factor_matrices
+from lorambo.methods.growth import OnlineGrowth
 from tests.test_growth import LORA, Tiny
 
 

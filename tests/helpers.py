@@ -14,7 +14,7 @@ def run_in_process(overrides, run_dir):
     return run(compose_cfg(["logger=none", *overrides]), str(run_dir))
 
 
-def run_cli(args, cwd, timeout=600):
-    """`lorambo-run ARGS` as a user runs it, from `cwd`."""
+def run_cli(args, cwd, timeout=600, env=None):
+    """`lorambo-run ARGS` as a user runs it, from `cwd` (with `env`, a changed environment)."""
     exe = os.path.join(os.path.dirname(sys.executable), "lorambo-run")
-    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

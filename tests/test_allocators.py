@@ -189,8 +189,9 @@ def test_allocation_of_1000_layers_is_fast():
         assert time.perf_counter() - start < 5.0, name  # generous: a correctness bound, not a benchmark
 
 
-def test_every_allocator_ignores_settings_meant_for_others():
-    """A sweep may set one allocator's option for all (e.g. ++allocator.grow_every=25): none may choke on it."""
+def test_every_allocation_function_takes_keyword_options_it_does_not_read():
+    """The pure functions take the options as keywords and read their own (a config key no allocator reads is
+    refused earlier, by allocation.allocator_options: test_an_unknown_allocator_option_is_one_line)."""
     from lorambo.allocators import ALLOCATORS
 
     layers, stats = random_instance(random.Random(5), 6)

@@ -1,11 +1,14 @@
 """ARD-LoRA: regulariser gradients, the effect of total variation, and true parameter counts end to end."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorambo.ard_lora import depth_chains, l1_penalty, soft_mask, true_parameter_count, tv_penalty
+from lorambo.methods.ard_lora import depth_chains, l1_penalty, soft_mask, true_parameter_count, tv_penalty
 from lorambo.budget import LayerSpec
+from lorambo.models import adaptable_layers, build_model, build_tokenizer
 from tests.helpers import compose_cfg, run_in_process
 from tests.test_runs import FAMILIES, QUICK, evaluate_independently, load_base
 
@@ -68,8 +71,8 @@ def test_true_count_of_per_head_ranks():
 def test_ard_lora_counts_true_parameters_meets_the_budget_and_reloads(family, tmp_path):
     from peft import PeftModel
 
-    overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "budget=r4", "allocator=ard_lora",
-                 "allocator.alpha_lr=0.2"]
+    overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "budget=r4", "method=ard_lora",
+                 "method.alpha_lr=0.2"]
     run_dir = tmp_path / "ard"
     metrics = run_in_process(overrides, run_dir)
     cfg = compose_cfg(overrides)
@@ -87,6 +90,12 @@ def test_ard_lora_counts_true_parameters_meets_the_budget_and_reloads(family, tm
             assert B[h * d_head:(h + 1) * d_head, r:].abs().sum() == 0
     assert saved_total - padding == metrics["adapter_params"]
     assert metrics["adapter_params"] <= metrics["p_max"]
+    # what trained: the rank-R adapter before the cut (regression: issue 13's reshaping first counted the cut one)
+    torch.manual_seed(0)
+    specs = adaptable_layers(build_model(cfg.model, cfg.task, build_tokenizer(cfg.model)), cfg.model.target_modules)
+    r0 = metrics["p_max"] // sum(l.cost for l in specs)
+    build_rank = min(math.ceil(cfg.method.alpha_max * r0), min(l.max_rank for l in specs))
+    assert metrics["trainable_params"] == metrics["head_params"] + build_rank * sum(l.cost for l in specs)
     if family != "tiny_resnet":
         assert metrics["head_ranks"]  # attention projections got per-head ranks
     reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))
@@ -98,7 +107,7 @@ def test_a_layer_narrower_than_the_build_rank_does_not_crash(tmp_path):
     """Regression: with ceil(alpha_max r0) above a layer's maximum rank the adapter was built at the clipped
     rank but the masks used the unclipped one: a shape error. tiny_bert's narrowest layers have rank 32; r0 = 8,
     alpha_max = 5 asks for 40."""
-    metrics = run_in_process(["experiment=smoke", "allocator=ard_lora", "allocator.alpha_max=5", "budget=r8"],
+    metrics = run_in_process(["experiment=smoke", "method=ard_lora", "method.alpha_max=5", "budget=r8"],
                              tmp_path / "ard")
     assert 0 < metrics["adapter_params"] <= metrics["p_max"]
     assert max(max(r) for r in metrics["head_ranks"].values()) <= 32

@@ -18,7 +18,8 @@ def test_groups_hold_what_the_paper_needs():
     assert {"tiny_bert", "tiny_roberta", "tiny_t5", "tiny_gpt2", "tiny_resnet"} <= set(MODELS)
     assert {"qnli", "sst2", "mnli", "cola", "stsb", "mrpc", "rte", "qqp", "wikitext103", "imagenet1k",
             "rt_snippets", "wiki_summaries", "fashion_mnist", "local_file"} <= set(TASKS)
-    assert {"uniform", "full_ft"} <= set(group_options("allocator"))
+    assert {"uniform", "hessian_offline", "hessian_online"} <= set(group_options("allocator"))
+    assert {"lora", "dora", "growth", "adalora", "ard_lora", "full_ft"} <= set(group_options("method"))
     assert {"6M", "12M", "24M", "r4", "r8"} <= set(group_options("budget"))
     assert {"wandb_offline", "wandb", "none"} <= set(group_options("logger"))
 
@@ -53,7 +54,7 @@ def test_every_text_and_vision_family_has_tasks():
 
 
 def test_full_ft_uses_the_models_full_ft_lr():
-    cfg = compose_cfg(["model=roberta", "allocator=full_ft"])
+    cfg = compose_cfg(["model=roberta", "method=full_ft"])
     assert cfg.train.lr == cfg.model.full_ft_lr != cfg.model.lr
 
 
@@ -65,7 +66,7 @@ def test_mnli_reports_matched_and_mismatched():
 
 @pytest.mark.parametrize("args", [
     ["model=roberta", "task=qnli", "allocator=uniform", "budget=r4"],
-    ["model=t5", "task=mnli", "allocator=full_ft"],
+    ["model=t5", "task=mnli", "method=full_ft"],
     ["model=gpt2", "task=wikitext103", "budget=12M"],
     ["model=resnet50", "task=imagenet1k", "budget=6M"],
     ["model=bert", "task=cola", "budget=r8", "logger=wandb"],

@@ -12,9 +12,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import lorambo  # noqa: F401
-from lorambo.adapters import adapter_ranks, lora_layers, wrap_lora
-from lorambo.growth import (GradientCapture, factor_matrices, grow_rank, residual, singular_values_and_right_vectors,
-                            sync_peft_config)
+from lorambo.adapters import adapter_ranks, factor_matrices, grow_rank, lora_layers, sync_peft_config, wrap_lora
+from lorambo.methods.growth import GradientCapture, residual, singular_values_and_right_vectors
 from tests.helpers import run_in_process
 
 
@@ -151,8 +150,8 @@ def test_gram_route_matches_the_svd(shape):
 
 
 def test_online_run_grows_within_budget_and_logs_history(tmp_path):
-    metrics = run_in_process(["experiment=smoke", "allocator=hessian_online", "allocator.grow_every=4",
-                              "allocator.growth_events=3"], tmp_path / "online")
+    metrics = run_in_process(["experiment=smoke", "allocator=hessian_online", "method.grow_every=4",
+                              "method.growth_events=3"], tmp_path / "online")
     history = [json.loads(line) for line in (tmp_path / "online" / "rank_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history][:4] == [0, 4, 8, 12]
     assert all(r == 1 for r in history[0]["ranks"].values())
@@ -184,7 +183,7 @@ def grow_tiny(p_max, traces, events, tmp_path, total_steps=8):
     from accelerate import Accelerator
 
     from lorambo.budget import LayerSpec
-    from lorambo.growth import OnlineGrowth
+    from lorambo.methods.growth import OnlineGrowth
 
     torch.manual_seed(0)
     model = wrap_lora(Tiny(), {"conv": 1, "fc1": 1, "fc2": 1}, [], LORA)
@@ -265,7 +264,7 @@ def max_layer_cost(run_dir):
 
 
 def test_a_run_that_ends_before_its_growth_events_warns_and_says_so(tmp_path):
-    metrics = run_in_process(["experiment=smoke", "allocator=hessian_online", "allocator.grow_every=100"],
+    metrics = run_in_process(["experiment=smoke", "allocator=hessian_online", "method.grow_every=100"],
                              tmp_path / "run")
     assert metrics["growth_events"] == 0 and metrics["growth_unspent_params"] > 0
     assert "warning" in metrics and "grow_every" in metrics["warning"]

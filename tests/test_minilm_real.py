@@ -18,7 +18,7 @@ def test_pretrained_minilm_learns_sentiment(tmp_path):
                                        "hessian_online"])
 def test_every_allocator_runs_on_the_real_minilm(allocator, tmp_path):
     overrides = ["task.max_train_samples=256", "task.max_eval_samples=64", "train.max_steps=6", "budget=r4",
-                 f"allocator={allocator}", "allocator.grow_every=3" if allocator == "hessian_online" else "seed=0"]
+                 f"allocator={allocator}", "method.grow_every=3" if allocator == "hessian_online" else "seed=0"]
     metrics = run_in_process(overrides, tmp_path / allocator)
     assert len(metrics["ranks"]) >= 1 and metrics["adapter_params"] <= metrics["p_max"]
     assert metrics["sensitivity_seconds"] > 0
@@ -26,14 +26,14 @@ def test_every_allocator_runs_on_the_real_minilm(allocator, tmp_path):
         assert metrics["p_max"] - metrics["adapter_params"] < 384 + 1536  # one rank of the costliest layer
 
 
-@pytest.mark.parametrize("method", [["allocator=dora"], ["allocator=adalora", "allocator.delta_t=1"],
-                                    ["allocator=ard_lora"], ["allocator=full_ft", "optimizer=galore"],
-                                    ["allocator=full_ft", "optimizer=adarankgrad"]])
+@pytest.mark.parametrize("method", [["method=dora"], ["method=adalora", "method.delta_t=1"],
+                                    ["method=ard_lora"], ["method=full_ft", "optimizer=galore"],
+                                    ["method=full_ft", "optimizer=adarankgrad"]])
 def test_related_methods_run_on_the_real_minilm(method, tmp_path):
     metrics = run_in_process(["task.max_train_samples=256", "task.max_eval_samples=64", "train.max_steps=6",
                               "budget=r4", *method], tmp_path / "run")
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["optimizer_state_bytes"] > 0
-    if "allocator=full_ft" in method:
+    if "method=full_ft" in method:
         assert 1 <= metrics["effective_rank"] <= 4
     else:
         assert 0 < metrics["adapter_params"] <= 1.05 * metrics["p_max"]

@@ -7,6 +7,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
+from lorambo.allocators.hessian_online import event_steps
 from lorambo.cli import group_options
 from lorambo.config import compose_config, preset_cells
 from tests.helpers import run_cli
@@ -33,8 +34,9 @@ def test_online_growth_spends_its_budget_within_the_preset_steps(preset):
     """A preset cut to few steps must let hessian_online hold all its growth events (else it ends under budget)."""
     for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in preset_cells(preset)}:
         cfg = compose_config(list(cell))
-        if cfg.allocator.name == "hessian_online" and cfg.train.max_steps:
-            assert cfg.allocator.growth_events * cfg.allocator.grow_every < cfg.train.max_steps, cell
+        if cfg.method.name == "growth" and cfg.train.max_steps:
+            events = event_steps(cfg.train.max_steps, cfg.method.growth_events, cfg.method.grow_every)
+            assert len(events) == cfg.method.growth_events and max(events) < cfg.train.max_steps, cell
 
 
 def axis(cells, key):
@@ -48,19 +50,19 @@ def test_table1_is_paper_000_table1():
     rows = {}
     for cell in cells:
         cfg = compose_config(cell)
-        rows[[o for o in cell if o.startswith("method=")][0]] = (
-            cfg.allocator.name, None if cfg.allocator.name == "full_ft" else
-            (cfg.budget.rank, cfg.budget.get("scale", 1.0)))
-    assert rows == {"method=full_ft": ("full_ft", None), "method=lora_r4": ("uniform", (4, 1.0)),
-                    "method=hessian_matched": ("hessian_offline", (4, 1.0)),
-                    "method=hessian_paper": ("hessian_offline", (4, 1.12))}
+        rows[[o for o in cell if o.startswith("table_row=")][0]] = (
+            cfg.method.name, None if cfg.method.name == "full_ft" else
+            (cfg.allocator.name, cfg.budget.rank, cfg.budget.get("scale", 1.0)))
+    assert rows == {"table_row=full_ft": ("full_ft", None), "table_row=lora_r4": ("lora", ("uniform", 4, 1.0)),
+                    "table_row=hessian_matched": ("lora", ("hessian_offline", 4, 1.0)),
+                    "table_row=hessian_paper": ("lora", ("hessian_offline", 4, 1.12))}
 
 
 def test_adarankgrad_rows_set_optimizer_and_rank():
     rows = set()
     for cell in preset_cells("adarankgrad_glue", ["seed=0", "task=rte"]):
         cfg = compose_config(cell)
-        if cfg.allocator.name == "full_ft":
+        if cfg.method.name == "full_ft":
             rows.add((cfg.optimizer.name, cfg.optimizer.get("rank")))
         else:
             rows.add((cfg.allocator.name, cfg.budget.rank))

@@ -19,12 +19,12 @@ TINY = ["experiment=smoke", "task.max_train_samples=64", "task.max_eval_samples=
         "train.checkpoint_every=3", "train.keep_checkpoint=true", "train.log_every=1"]
 METHODS = {
     "uniform": ["budget=r4"],
-    "hessian_online": ["allocator=hessian_online", "allocator.grow_every=4", "allocator.growth_events=2"],
-    "adarankgrad": ["allocator=full_ft", "optimizer=adarankgrad", "optimizer.min_gap=2", "optimizer.max_gap=4"],
-    "ard_lora": ["allocator=ard_lora", "budget=r4"],
-    "adalora": ["allocator=adalora", "budget=r4", "allocator.delta_t=2"],
-    "dora": ["allocator=dora", "budget=r4"],
-    "resnet_full_ft": ["model=tiny_resnet", "task=fashion_mnist", "allocator=full_ft"],
+    "hessian_online": ["allocator=hessian_online", "method.grow_every=4", "method.growth_events=2"],
+    "adarankgrad": ["method=full_ft", "optimizer=adarankgrad", "optimizer.min_gap=2", "optimizer.max_gap=4"],
+    "ard_lora": ["method=ard_lora", "budget=r4"],
+    "adalora": ["method=adalora", "budget=r4", "method.delta_t=2"],
+    "dora": ["method=dora", "budget=r4"],
+    "resnet_full_ft": ["model=tiny_resnet", "task=fashion_mnist", "method=full_ft"],
 }
 
 
@@ -66,7 +66,7 @@ def cli(args, cwd, **kw):
 
 def test_a_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
     args = ["experiment=smoke", "train.max_steps=120", "train.checkpoint_every=10", "allocator=hessian_online",
-            "allocator.grow_every=30", "seed=3"]
+            "method.grow_every=30", "seed=3"]
     whole = cli([*args, "hydra.run.dir=whole"], tmp_path)
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:]
     killed = cli([*args, "hydra.run.dir=killed"], tmp_path)
@@ -94,7 +94,7 @@ def test_a_run_killed_between_its_rng_and_its_checkpoint_resumes_from_the_last_w
     test: other dropout masks, other growth). Now the RNG files are stamped with their step."""
     from lorambo import checkpoint
 
-    args = [*TINY, "allocator=hessian_online", "allocator.grow_every=4", "allocator.growth_events=2"]
+    args = [*TINY, "allocator=hessian_online", "method.grow_every=4", "method.growth_events=2"]
     expected = run_in_process(args, tmp_path / "whole")
 
     class Killed(Exception):

@@ -128,7 +128,7 @@ def test_tiny_run_counts_budget_and_round_trip(family, tmp_path, pair_csv):
 
 
 def test_full_ft_trains_every_weight(tmp_path):
-    metrics = run_in_process(["model=tiny_bert", "task=rt_snippets", "allocator=full_ft", *QUICK], tmp_path / "ft")
+    metrics = run_in_process(["model=tiny_bert", "task=rt_snippets", "method=full_ft", *QUICK], tmp_path / "ft")
     torch.manual_seed(0)
     cfg = compose_cfg(["model=tiny_bert"])
     n_params = sum(p.numel() for p in build_model(cfg.model, cfg.task, build_tokenizer(cfg.model)).parameters())
@@ -180,7 +180,7 @@ def test_every_allocator_runs_on_every_family(allocator, family, tmp_path, pair_
     overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "budget=r4", f"allocator={allocator}",
                  "sensitivity.gradient_batches=2", "sensitivity.hessian_batches=1", "sensitivity.covariance_batches=2"]
     if allocator == "hessian_online":
-        overrides += ["allocator.grow_every=2", "allocator.growth_events=2"]
+        overrides += ["method.grow_every=2", "method.growth_events=2"]
     if "task=local_file" in overrides:
         overrides.append(f"task.path={pair_csv}")
     run_dir = tmp_path / "run"
@@ -205,7 +205,7 @@ def test_allocation_can_be_reused_from_another_run(tmp_path):
 @pytest.mark.parametrize("optimizer", ["galore", "adarankgrad"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_low_rank_optimizers_train_every_family(optimizer, family, tmp_path, pair_csv):
-    overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "allocator=full_ft", f"optimizer={optimizer}",
+    overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "method=full_ft", f"optimizer={optimizer}",
                  "optimizer.rank=2"]
     if "task=local_file" in overrides:
         overrides.append(f"task.path={pair_csv}")
@@ -227,9 +227,9 @@ def test_peft_baselines_count_real_parameters_and_reload(allocator, family, tmp_
     from peft import PeftModel
 
     overrides = [*FAMILIES[family], *QUICK, "train.max_steps=8", "train.eval_every=0", "budget=r4",
-                 f"allocator={allocator}"]
+                 f"method={allocator}"]
     if allocator == "adalora":
-        overrides += ["allocator.delta_t=1"]
+        overrides += ["method.delta_t=1"]
     if "task=local_file" in overrides:
         overrides.append(f"task.path={pair_csv}")
     run_dir = tmp_path / allocator

@@ -15,7 +15,7 @@ from tests.helpers import run_cli
 # no dropout anywhere, so one process and two differ only by the order of floating-point sums
 DETERMINISTIC = ["experiment=smoke", "lora.dropout=0", "++model.hf_config.hidden_dropout_prob=0",
                  "++model.hf_config.attention_probs_dropout_prob=0", "train.max_steps=12",
-                 "allocator=hessian_online", "allocator.grow_every=4", "allocator.growth_events=2", "logger=none"]
+                 "allocator=hessian_online", "method.grow_every=4", "method.growth_events=2", "logger=none"]
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,13 @@ from lorambo.allocators.uniform import uniform_rank
 from lorambo.budget import resolve_p_max
 from lorambo.data import load_task
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
-from lorambo.train import allocate_ranks
+from lorambo.allocation import choose_ranks
+from lorambo.methods import build_method
 from tests.helpers import compose_cfg, run_in_process
 from tests.test_runs import FAMILIES, QUICK, evaluate_independently, load_base, pair_csv  # noqa: F401
 
-ALLOCATORS = ["uniform", "frobenius_greedy", "gradient", "hessian_offline", "data_weighted", "hessian_online",
-              "dora"]
+ALLOCATORS = [("uniform", "lora"), ("frobenius_greedy", "lora"), ("gradient", "lora"), ("hessian_offline", "lora"),
+              ("data_weighted", "lora"), ("hessian_online", "growth"), ("uniform", "dora")]
 SMALL = ["task.max_train_samples=64", "task.max_eval_samples=16", "train.batch_size=8",
          "sensitivity.gradient_batches=2", "sensitivity.hessian_batches=1", "sensitivity.covariance_batches=2",
          "sensitivity.fisher_batches=2"]
@@ -45,16 +46,17 @@ def test_every_allocator_gets_the_policy_scale_on_every_layer(family, tmp_path, 
     r_u = uniform_rank(layers, p_max)
     assert r_u == 4
     non_uniform = 0
-    for allocator in ALLOCATORS:
-        acfg = compose_cfg([*overrides, f"allocator={allocator}"])
-        ranks, _, _ = allocate_ranks(acfg, base, layers, p_max, data, accelerator, str(tmp_path))
+    for allocator, method_name in ALLOCATORS:
+        acfg = compose_cfg([*overrides, f"allocator={allocator}", f"method={method_name}"])
+        method = build_method(acfg, layers, 10, str(tmp_path), True)
+        ranks = choose_ranks(acfg, method, base, layers, p_max, data, accelerator, str(tmp_path))["ranks"]
         non_uniform += len(set(ranks.values())) > 1
         for scaling in ("matched", "per_layer", "rslora"):
             lora = acfg.lora.copy()
             lora.scaling = scaling
             import copy
             model = wrap_lora(copy.deepcopy(base), ranks, acfg.model.head_modules, lora,
-                              bool(acfg.allocator.get("dora", False)), r_u)
+                              method.use_dora, r_u)
             got = effective_scalings(model)
             assert set(got) == set(ranks)
             for name, scale in got.items():
@@ -81,9 +83,10 @@ def test_saved_adapter_reloads_with_the_matched_scale(allocator, tmp_path):
     on every layer and reproduces the run's metric."""
     from peft import PeftModel
 
-    overrides = [*FAMILIES["tiny_bert"], *QUICK, "train.eval_every=0", "budget=r4", f"allocator={allocator}"]
+    overrides = [*FAMILIES["tiny_bert"], *QUICK, "train.eval_every=0", "budget=r4",
+                 "method=ard_lora" if allocator == "ard_lora" else f"allocator={allocator}"]
     if allocator == "ard_lora":
-        overrides.append("allocator.alpha_lr=0.2")  # scales that move in 6 steps
+        overrides.append("method.alpha_lr=0.2")  # scales that move in 6 steps
     run_dir = tmp_path / allocator
     metrics = run_in_process(overrides, run_dir)
     cfg = compose_cfg(overrides)

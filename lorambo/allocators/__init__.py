@@ -2,6 +2,9 @@
 registered by name with the statistics it needs. `allocate(name, layers, p_max, stats, **options)` is the
 single entry point; `required_stats(name, **options)` says what to estimate first."""
 
+import importlib
+import inspect
+import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,10 +29,27 @@ def register(name: str, required_stats: Callable[..., set[str]] = lambda **optio
     return wrap
 
 
+def import_allocators() -> None:
+    """Every module of this package, so that each registers itself (no hand-kept list)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
 def _get(name: str) -> Allocator:
+    import_allocators()
     if name not in ALLOCATORS:
         raise LoramboError(f"unknown allocator '{name}'; choose one of: {', '.join(sorted(ALLOCATORS))}")
     return ALLOCATORS[name]
+
+
+def allocator_parameters(name: str) -> set[str]:
+    """The options an allocator reads: its allocation and statistics functions' keyword parameters."""
+    allocator = _get(name)
+    names = set()
+    for fn in (allocator.allocate, allocator.required_stats):
+        names |= {p.name for p in list(inspect.signature(fn).parameters.values())
+                  if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)}
+    return names
 
 
 def required_stats(name: str, **options) -> set[str]:
@@ -40,7 +60,3 @@ def allocate(name: str, layers: list[LayerSpec], p_max: int, stats: dict | None 
     ranks = _get(name).allocate(layers, p_max, stats or {}, **options)
     check_allocation(ranks, layers, p_max)
     return {name: r for name, r in ranks.items() if r > 0}  # r=0: the layer is not adapted
-
-
-from lorambo.allocators import (  # noqa: E402,F401  (each registers itself)
-    data_weighted, dora, frobenius_greedy, gradient, hessian_offline, hessian_online, uniform)

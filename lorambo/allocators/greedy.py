@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from lorambo.budget import LayerSpec
+from lorambo.budget import LayerSpec, allocation_cost
 
 MarginalGain = Callable[[LayerSpec, int], float]  # gain of raising a layer's rank from r to r + 1
 
@@ -56,7 +56,7 @@ def greedy_fill(layers: list[LayerSpec], p_max: int, gain: MarginalGain,
     if start is None:
         start = first_ranks(layers, p_max, priority or (lambda layer: gain(layer, 0)))
     ranks = {layer.name: start.get(layer.name, 0) for layer in layers}
-    spent = sum(ranks[layer.name] * layer.cost for layer in layers)
+    spent = allocation_cost(ranks, layers)
 
     def push(heap, i):
         layer = layers[i]

@@ -1,5 +1,6 @@
-"""Hessian online (paper 000 Sec. 2.6): ranks grow during training. This module holds the two pure decisions;
-lorambo/growth.py measures the benefits and grows the real tensors.
+"""Hessian online (paper 000 Sec. 2.6): ranks grow during training. This module holds the pure decisions (the
+start, and each event's growth); the growth method (lorambo/methods/growth.py) measures the benefits and grows
+the real tensors.
 
 - Start: every layer at `start_rank`, or (`start: offline`) the Hessian square-root law on `offline_fraction`
   of the budget with at least `start_rank` each (METHODS.md: "offline curvature-aware initialization + online
@@ -8,7 +9,7 @@ lorambo/growth.py measures the benefits and grows the real tensors.
   layer's full-weight gradient with the current adapter subspace projected out, h_i its mean curvature
   diagonal), add ranks greedily by rho = Delta / c_i within this event's share of the budget, never a
   non-positive one.
-- Curvature: h_i = T_i / (d_out d_in) from the layer's curvature trace T_i (`curvature: fisher_trace`, the
+- Curvature: h_i = T_i / (d_out d_in) from the layer's curvature trace T_i (`method.curvature: fisher_trace`, the
   Gauss-Newton trace, always >= 0; or `hessian_trace`, the paper's Hutchinson Tr(H_i)). A layer whose trace is
   not usable (<= 0 or not finite) gets the largest usable h: the smallest benefit, so it is the least
   attractive layer to grow, as its floored sensitivity makes it the least important offline. A floored value
@@ -23,23 +24,27 @@ import numpy as np
 
 from lorambo.allocators import register
 from lorambo.allocators.greedy import greedy_fill, square_root_allocation
-from lorambo.budget import LayerSpec
+from lorambo.budget import LayerSpec, allocation_cost
 from lorambo.errors import LoramboError
 
 
-@register("hessian_online", required_stats=lambda curvature="fisher_trace", **_: {curvature})
+def _needs(start: str = "small", sensitivity: str = "fisher_trace", **_) -> set[str]:
+    return {sensitivity} if start == "offline" else set()
+
+
+@register("hessian_online", required_stats=_needs)
 def initial_ranks(layers, p_max, stats, start: str = "small", start_rank: int = 1, offline_fraction: float = 0.5,
-                  curvature: str = "fisher_trace", **_) -> dict[str, int]:
+                  sensitivity: str = "fisher_trace", **_) -> dict[str, int]:
     floor = {l.name: min(start_rank, l.max_rank) for l in layers}
-    if sum(floor[l.name] * l.cost for l in layers) > p_max:
+    if allocation_cost(floor, layers) > p_max:
         raise LoramboError(f"budget P_max={p_max:,} cannot start every layer at rank {start_rank}; "
                            f"use a larger budget or allocator.start_rank=1")
     if start == "small":
         return floor
-    part = max(int(offline_fraction * p_max), sum(floor[l.name] * l.cost for l in layers))
-    ranks = square_root_allocation(layers, part, stats[curvature])
+    part = max(int(offline_fraction * p_max), allocation_cost(floor, layers))
+    ranks = square_root_allocation(layers, part, stats[sensitivity])
     ranks = {name: max(r, floor[name]) for name, r in ranks.items()}
-    while sum(ranks[l.name] * l.cost for l in layers) > p_max:  # raising to the floor may overshoot: trim
+    while allocation_cost(ranks, layers) > p_max:  # raising to the floor may overshoot: trim
         top = max(layers, key=lambda l: (ranks[l.name] - floor[l.name], l.cost))
         ranks[top.name] -= 1
     return ranks
@@ -52,7 +57,7 @@ def mean_curvatures(layers: list[LayerSpec], traces: dict[str, float]) -> tuple[
               if math.isfinite(traces[l.name]) and traces[l.name] > 0}
     if not usable:
         raise LoramboError("no layer has a positive curvature estimate, so growth benefits are undefined; use "
-                           "allocator.curvature=fisher_trace (never negative) or more sensitivity batches")
+                           "method.curvature=fisher_trace (never negative) or more sensitivity batches")
     unusable = [l.name for l in layers if l.name not in usable]
     top = max(usable.values())
     return {l.name: usable.get(l.name, top) for l in layers}, unusable
@@ -84,6 +89,6 @@ def growth_decision(layers: list[LayerSpec], ranks: dict[str, int], budget: int,
         values = benefits.get(layer.name, ())
         return float(values[j]) if j < len(values) else 0.0
 
-    spent = sum(ranks[l.name] * l.cost for l in layers)
+    spent = allocation_cost(ranks, layers)
     grown = greedy_fill(layers, spent + budget, gain, start=start, only_positive=True)
     return {name: grown[name] - start[name] for name in start if grown[name] > start[name]}

@@ -3,12 +3,12 @@ With no clipping this is r = floor(P_max / sum_i c_i) (../shared/METHODS.md sect
 saturate, their unspent share lets r rise for the others."""
 
 from lorambo.allocators import register
-from lorambo.budget import LayerSpec
+from lorambo.budget import LayerSpec, allocation_cost
 from lorambo.errors import LoramboError
 
 
 def uniform_cost(layers: list[LayerSpec], r: int) -> int:
-    return sum(min(r, layer.max_rank) * layer.cost for layer in layers)
+    return allocation_cost({layer.name: min(r, layer.max_rank) for layer in layers}, layers)
 
 
 @register("uniform")

@@ -1,84 +1,20 @@
-"""Online rank growth of a PEFT LoRA model: measuring, deciding, and growing the real tensors.
+"""Online rank growth (paper 000 Sec. 2.6, `method=growth`; `allocator=hessian_online` selects it): at each
+event step, measure each layer's full-weight gradient on that step, decide by marginal benefit per parameter
+(lorambo/allocators/hessian_online.py holds the pure decisions), and grow the real tensors (adapters.grow_rank)."""
 
-PEFT has no way to change a LoRA layer's rank in place, so `grow_rank` does it by hand: it appends rows to A
-and (zero) columns to B, keeps the layer's scale alpha/r of the existing components (so the model's function
-is unchanged at the moment of growth), and carries the optimizer state over (new entries start at zero).
-"""
-
-import json
 import os
 
 import torch
 from torch import nn
 
-from lorambo.adapters import ADAPTER, lora_layers, rank_pattern_key
+from lorambo.adapters import ADAPTER, adapter_ranks, factor_matrices, grow_rank, lora_layers
 from lorambo.allocators.hessian_online import event_steps, growth_decision, marginal_benefits, mean_curvatures
-from lorambo.budget import LayerSpec
+from lorambo.budget import LayerSpec, allocation_cost
+from lorambo.methods import register
+from lorambo.methods.lora import Lora
+from lorambo.plots import plot_rank_history
+from lorambo.results import append_jsonl, read_jsonl
 from lorambo.sensitivity import layer_inputs_as_rows
-
-def factor_matrices(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """A as (r, d_in) and B as (d_out, r), whatever the layer type (Conv2d: A's kernel flattened)."""
-    A = layer.lora_A[ADAPTER].weight
-    B = layer.lora_B[ADAPTER].weight
-    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
-
-
-def _replace_parameter(module: nn.Module, new: torch.Tensor, optimizer, old_slice) -> None:
-    """Swap module.weight for `new` (old values already copied in), in the optimizer too: every state tensor of
-    the parameter's shape grows the same way with zeros in the new entries; scalars (step) are kept."""
-    old = module.weight
-    param = nn.Parameter(new, requires_grad=old.requires_grad)
-    module.weight = param
-    if optimizer is None:
-        return
-    for group in optimizer.param_groups:
-        group["params"] = [param if p is old else p for p in group["params"]]
-    if old in optimizer.state:
-        state = optimizer.state.pop(old)
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == old.shape:
-                grown = torch.zeros_like(new)
-                grown[old_slice] = value
-                state[key] = grown
-        optimizer.state[param] = state
-
-
-@torch.no_grad()
-def grow_rank(layer, new_rows: torch.Tensor, optimizer=None) -> None:
-    """Raise the layer's rank by len(new_rows): A gets `new_rows` (each of length d_in), B gets zero columns."""
-    k = new_rows.shape[0]
-    if k == 0:
-        return
-    r = layer.r[ADAPTER]
-    lora_A, lora_B = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-    A, B = lora_A.weight, lora_B.weight
-    new_A = torch.cat([A, new_rows.reshape(k, *A.shape[1:]).to(A)], dim=0)
-    new_B = torch.cat([B, torch.zeros(B.shape[0], k, *B.shape[2:], dtype=B.dtype, device=B.device)], dim=1)
-    _replace_parameter(lora_A, new_A, optimizer, (slice(0, r),))
-    _replace_parameter(lora_B, new_B, optimizer, (slice(None), slice(0, r)))
-    set_rank(layer, r + k)
-
-
-def set_rank(layer, rank: int) -> None:
-    """Record a LoRA layer's new rank after its factors were replaced. The scale of the existing components
-    stays; alpha follows so that alpha/r (rsLoRA: alpha/sqrt r) still equals it, and a saved adapter reloads
-    with the same scale."""
-    lora_A, lora_B = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-    if isinstance(lora_A, nn.Conv2d):
-        lora_A.out_channels, lora_B.in_channels = rank, rank
-    else:
-        lora_A.out_features, lora_B.in_features = rank, rank
-    scale = layer.scaling[ADAPTER]
-    layer.r[ADAPTER] = rank
-    layer.lora_alpha[ADAPTER] = scale * (rank ** 0.5 if layer.use_rslora.get(ADAPTER, False) else rank)
-
-
-def sync_peft_config(peft_model: nn.Module) -> None:
-    """Write the layers' real ranks and alphas into the PEFT config, so the saved adapter reloads as it is."""
-    config = peft_model.peft_config[ADAPTER]
-    layers = lora_layers(peft_model)
-    config.rank_pattern = {rank_pattern_key(n): int(m.r[ADAPTER]) for n, m in layers.items()}
-    config.alpha_pattern = {rank_pattern_key(n): float(m.lora_alpha[ADAPTER]) for n, m in layers.items()}
 
 
 class GradientCapture:
@@ -183,7 +119,7 @@ class OnlineGrowth:
 
     def outcome(self, ranks: dict[str, int]) -> dict:
         """What metrics.json says of growth: events held, parameters left unspent, and why."""
-        spent = sum(ranks.get(l.name, 0) * l.cost for l in self.layers)
+        spent = allocation_cost(ranks, self.layers)
         unspent = self.p_max - spent
         if self.stopped:
             why = self.stopped
@@ -200,8 +136,7 @@ class OnlineGrowth:
         return self.capture
 
     def record(self, step: int, ranks: dict[str, int]) -> None:
-        with open(self.history_path, "a") as f:
-            f.write(json.dumps({"step": step, "ranks": ranks}) + "\n")
+        append_jsonl(self.history_path, {"step": step, "ranks": ranks})
 
     def grow(self, step: int, peft_model, optimizer, accelerator) -> dict[str, int]:
         """One growth event; returns the rank increments (identical in every process)."""
@@ -211,7 +146,7 @@ class OnlineGrowth:
         grads = self.capture.weight_gradients()
         self.capture = None
         ranks = {name: int(m.r[ADAPTER]) for name, m in layers.items()}
-        spent = sum(ranks[l.name] * l.cost for l in self.layers)
+        spent = allocation_cost(ranks, self.layers)
         budget = (self.p_max - spent) // self.events_left
         self.events_left -= 1
         self.events_held += 1
@@ -240,3 +175,54 @@ class OnlineGrowth:
             self.record(step, {n: int(m.r[ADAPTER]) for n, m in layers.items()})
         return increments
 
+
+@register("growth")
+class Growth(Lora):
+    """LoRA from the allocator's starting ranks, grown at `growth_events` event steps until P_max is spent."""
+
+    options = ("curvature", "grow_every", "growth_events")
+
+    def required_stats(self) -> set[str]:
+        return {self.opts.curvature}
+
+    def wrap(self, model, p_max, ranks, stats):
+        model = super().wrap(model, p_max, ranks, stats)
+        # the raw, unfloored traces: growth divides by them and handles unusable ones itself
+        self.growth = OnlineGrowth(self.layers, p_max, stats[f"{self.opts.curvature}_raw"], self.opts,
+                                   self.run_dir, self.steps)
+        if self.is_main and not os.path.exists(self.growth.history_path):  # a resumed run has its start
+            self.growth.record(0, ranks)
+        return model
+
+    def measuring(self, step: int, model):
+        return self.growth.measuring(model) if self.growth.due(step) else super().measuring(step, model)
+
+    def after_step(self, step: int, model, optimizer, accelerator) -> bool:
+        if self.growth.capture is None:  # not a measured step
+            return False
+        increments = self.growth.grow(step, model, optimizer, accelerator)
+        if increments:
+            accelerator.log({f"rank/{n}": r for n, r in adapter_ranks(model).items()}, step=step)
+        return bool(increments)
+
+    def state(self, model) -> dict:
+        return {**super().state(model), "growth": self.growth.state()}
+
+    def load_state(self, model, state: dict) -> None:
+        super().load_state(model, state)
+        self.growth.load_state(state["growth"])
+
+    def finish(self, model, step: int) -> dict:
+        metrics = super().finish(model, step)
+        metrics.update(self.growth.outcome(metrics["ranks"]))
+        # the last event spends what positive benefits can take; budget is left only if the run ended first
+        if self.growth.events_left and metrics["growth_unspent_params"] >= min(l.cost for l in self.layers):
+            metrics["warning"] = (f"{self.label()} left {metrics['growth_unspent_params']:,} of "
+                                  f"P_max={self.growth.p_max:,} unspent ({metrics['growth_ended']}); set "
+                                  f"method.grow_every or train longer")
+        if self.is_main:
+            self.growth.record(step, metrics["ranks"])
+            plot_rank_history(read_jsonl(self.growth.history_path), [l.name for l in self.layers],
+                              os.path.join(self.run_dir, "rank_history.png"),
+                              f"{self.label()}: rank of every layer over training")
+        return metrics

@@ -1,4 +1,4 @@
-"""ARD-LoRA (paper 002): learnable rank scales per layer and per attention head, read as METHODS.md section 3.
+"""ARD-LoRA (paper 002, `method=ard_lora`): learnable rank scales per layer and per attention head, read as METHODS.md section 3.
 
 Every adapted layer starts at rank R = ceil(alpha_max * r0) (r0: the uniform rank of the budget), clipped to the
 smallest layer's maximum rank. A scale
@@ -21,9 +21,11 @@ import re
 import torch
 from torch import nn
 
+from lorambo.adapters import ADAPTER, adapter_parameter_count, adapter_ranks, lora_layers, set_rank, wrap_lora
+from lorambo.allocators import allocate
 from lorambo.budget import LayerSpec
-from lorambo.adapters import ADAPTER, lora_layers
-from lorambo.growth import set_rank
+from lorambo.methods import register
+from lorambo.methods.lora import Lora
 
 
 def soft_mask(alpha: torch.Tensor, r0: float, rank: int, tau: float) -> torch.Tensor:
@@ -83,7 +85,7 @@ def ard_rank(r0: int, layers: list[LayerSpec], alpha_max: float) -> int:
     return min(math.ceil(alpha_max * r0), min(l.max_rank for l in layers))
 
 
-class ArdLora:
+class RankScales:
     """The scales, the masking hooks on a PEFT LoRA model at rank R, the regulariser, and the final cut."""
 
     def __init__(self, peft_model: nn.Module, layers: list[LayerSpec], groups: dict[str, int], r0: int,
@@ -170,3 +172,49 @@ class ArdLora:
             set_rank(module, keep)
         self.final_ranks = ranks
         return ranks
+
+
+@register("ard_lora")
+class ArdLora(Lora):
+    """A rank-R LoRA with learnable rank scales, its own rate for them, a regulariser, and the cut at the end."""
+
+    uses_allocator = False  # its ranks come from its scales
+    options = ("alpha_max", "tau", "lambda_l1", "lambda_tv", "alpha_lr", "per_head")
+
+    def label(self) -> str:
+        return self.name
+
+    def wrap(self, model, p_max, ranks, stats):
+        r0 = allocate("uniform", self.layers, p_max)[self.layers[0].name]
+        rank = ard_rank(r0, self.layers, self.opts.alpha_max)
+        model = wrap_lora(model, {l.name: rank for l in self.layers}, self.cfg.model.head_modules, self.cfg.lora,
+                          uniform_rank=r0)
+        groups = head_groups(model.get_base_model(), self.layers, self.cfg.model.get("per_head_modules")
+                             if self.opts.per_head else None)
+        self.scales = RankScales(model, self.layers, groups, r0, p_max, self.opts)
+        return model
+
+    def param_groups(self, model) -> list[dict]:
+        # the rank scales learn at their own rate, without weight decay
+        return [*super().param_groups(model),
+                {"params": self.scales.parameters(), "lr": self.opts.alpha_lr, "weight_decay": 0.0}]
+
+    def loss_term(self):
+        return self.scales.regularizer()
+
+    def state(self, model) -> dict:
+        return {**super().state(model), "ard": [p.detach().cpu().clone() for p in self.scales.parameters()]}
+
+    def load_state(self, model, state: dict) -> None:
+        super().load_state(model, state)
+        with torch.no_grad():
+            for p, value in zip(self.scales.parameters(), state["ard"]):
+                p.copy_(value)
+
+    def counts(self, model) -> dict:
+        """Integer ranks at the budget (the cut): what is evaluated and saved is the cut adapter."""
+        final = self.scales.finalize()
+        return {"ranks": adapter_ranks(model),
+                "adapter_params": true_parameter_count(final, {l.name: l for l in self.layers}),
+                "head_ranks": {n: r for n, r in final.items() if len(r) > 1},
+                "adapter_params_peft_form": adapter_parameter_count(model)}

@@ -1,0 +1,141 @@
+"""Ways of training, one module each, registered by name (PEFT's `tuners/<method>/`, timm's registry).
+
+A method is a small class whose hooks the training loop calls at named points; it holds everything about
+itself (its adapter, its extra parameters and loss, its state in a checkpoint, its counts), so that the loop in
+lorambo/train.py has no method flags. `method=NAME` picks one (config group `method`); a method defined outside
+lorambo names its module in its yaml (`module: my_package.my_method`), which is imported before lookup.
+
+The loop, in order:
+  train_mode(model)                      before training (and after each evaluation during it)
+  wrap(model, p_max, ranks, stats)       build the trained model (ranks from the allocator if uses_allocator)
+  param_groups(model)                    the optimizer's parameter groups
+  per micro-batch: measuring(step, model) as a context around forward/backward; loss_term() added to the loss;
+                   after_optimizer_step(model, step) between the optimizer step and zero_grad
+  per optimizer step: after_step(step, model, optimizer, accelerator) -> True when parameters were replaced
+  state(model) / load_state(model, state)  what a checkpoint holds of the model and the method
+  finish(model, step) -> metrics          before the final evaluation: cut, count, the method's own results
+  save(model, run_dir)                   the trained weights (a PEFT adapter folder, or the whole model)
+"""
+
+import importlib
+import pkgutil
+from contextlib import nullcontext
+
+import torch
+
+from lorambo.errors import LoramboError
+
+METHODS: dict[str, type] = {}
+
+# keys a method or allocator yaml may hold beside its options
+RESERVED_KEYS = {"name", "module", "report_order"}
+
+
+def register(name: str):
+    """Class decorator: make a method available as `method=NAME`."""
+    def wrap(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def import_builtin(package: str) -> None:
+    """Import every module of a package, so that each registers itself (no hand-kept list)."""
+    module = importlib.import_module(package)
+    for info in pkgutil.iter_modules(module.__path__):
+        importlib.import_module(f"{package}.{info.name}")
+
+
+def import_named_module(group_cfg, group: str) -> None:
+    """A yaml's `module:` (a method or allocator defined outside lorambo): imported so that it registers."""
+    if group_cfg.get("module"):
+        try:
+            importlib.import_module(group_cfg.module)
+        except ImportError as e:
+            raise LoramboError(f"{group}.module='{group_cfg.module}' cannot be imported ({e}); put it on "
+                               f"PYTHONPATH or fix the name")
+
+
+def check_options(given, known, what: str) -> None:
+    """An option the code does not read is a typo or a misplaced key: say so rather than ignore it."""
+    unknown = sorted(set(given) - set(known) - RESERVED_KEYS)
+    if unknown:
+        raise LoramboError(f"{what} has no option '{unknown[0]}'; its options are: "
+                           f"{', '.join(sorted(known)) or '(none)'}")
+
+
+def build_method(cfg, layers, steps: int, run_dir: str, is_main: bool):
+    import_builtin("lorambo.methods")
+    import_named_module(cfg.method, "method")
+    if cfg.method.name not in METHODS:
+        raise LoramboError(f"unknown method '{cfg.method.name}'; choose one of: {', '.join(sorted(METHODS))}")
+    cls = METHODS[cfg.method.name]
+    check_options(cfg.method, cls.options, f"method {cfg.method.name}")
+    return cls(cfg, layers, steps, run_dir, is_main)
+
+
+class Method:
+    """The hooks with what plain training does at each (nothing); every method overrides what it changes."""
+
+    name = ""
+    options: tuple[str, ...] = ()  # the keys of its yaml that it reads, beside name and module
+    uses_allocator = False  # its ranks come from the allocator (config group `allocator`) under the budget
+    trains_adapter = True  # False: no adapter and no budget (full fine-tuning)
+
+    def __init__(self, cfg, layers, steps: int, run_dir: str, is_main: bool):
+        self.cfg, self.layers, self.steps, self.run_dir, self.is_main = cfg, layers, steps, run_dir, is_main
+        self.opts = cfg.method
+
+    def label(self) -> str:
+        """The row name in metrics.json's `allocator` and in tables."""
+        return self.name
+
+    def train_mode(self, model) -> None:
+        """Training mode; with an adapter, batch-norm layers keep their base statistics (eval mode): running
+        stats are buffers of the base model that the adapter file does not hold, so updating them would make the
+        saved adapter not reproduce the trained model (and only adapter parameters are meant to change)."""
+        model.train()
+        if self.trains_adapter:
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def required_stats(self) -> set[str]:
+        """Statistics of the base model the method needs (estimated with the allocator's, before wrapping)."""
+        return set()
+
+    def fixed_cost(self) -> int:
+        """Parameters the method pays before any rank (DoRA's magnitudes): the allocator gets P_max minus this."""
+        return 0
+
+    def wrap(self, model, p_max, ranks, stats):
+        raise NotImplementedError
+
+    def param_groups(self, model) -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def measuring(self, step: int, model):
+        return nullcontext()
+
+    def loss_term(self):
+        return None
+
+    def after_optimizer_step(self, model, step: int) -> None:
+        pass
+
+    def after_step(self, step: int, model, optimizer, accelerator) -> bool:
+        return False
+
+    def state(self, model) -> dict:
+        raise NotImplementedError
+
+    def load_state(self, model, state: dict) -> None:
+        raise NotImplementedError
+
+    def finish(self, model, step: int) -> dict:
+        raise NotImplementedError
+
+    def save(self, model, run_dir: str) -> None:
+        raise NotImplementedError
