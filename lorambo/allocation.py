@@ -21,14 +21,15 @@ from lorambo.sensitivity import estimate, warmed_up_head
 from lorambo.sensitivity import summary as sensitivity_summary
 
 
-def allocator_options(allocator_cfg) -> dict:
+def allocator_options(allocator_cfg, method_cfg=None) -> dict:
     """The allocator's own settings, as keyword arguments of its allocation function; an unknown key (a typo,
-    or an option of another allocator) is a one-line error naming the known ones."""
+    or an option of another allocator or of the method) is a one-line error naming the known ones."""
     import_allocators()
     import_named_module(allocator_cfg, "allocator")
     options = {k: v for k, v in OmegaConf.to_container(allocator_cfg, resolve=True).items()
                if k not in ("name", "module", "report_order", "from_run")}
-    check_options(options, allocator_parameters(allocator_cfg.name), f"allocator {allocator_cfg.name}")
+    check_options(options, allocator_parameters(allocator_cfg.name), f"allocator {allocator_cfg.name}",
+                  {"method.": list(method_cfg or {})})
     return options
 
 
@@ -37,7 +38,7 @@ def needed_statistics(cfg, method) -> set[str]:
     and the method's own."""
     needed = set(method.required_stats())
     if method.uses_allocator and not cfg.allocator.get("from_run"):
-        needed |= required_stats(cfg.allocator.name, **allocator_options(cfg.allocator))
+        needed |= required_stats(cfg.allocator.name, **allocator_options(cfg.allocator, cfg.method))
     return needed
 
 
@@ -80,7 +81,7 @@ def allocator_ranks(cfg, method, layers, p_max: int, stats: dict) -> dict[str, i
     if fixed and p_max - fixed < sum(l.cost for l in layers):
         raise LoramboError(f"budget P_max={p_max:,} cannot pay {method.label()}'s fixed {fixed:,} parameters "
                            f"(DoRA: its magnitude vectors) and rank 1 everywhere; choose a larger budget")
-    return allocate(cfg.allocator.name, layers, p_max - fixed, stats, **allocator_options(cfg.allocator))
+    return allocate(cfg.allocator.name, layers, p_max - fixed, stats, **allocator_options(cfg.allocator, cfg.method))
 
 
 def write_allocation(cfg, method, layers, p_max, ranks, stats, required, run_dir) -> None:

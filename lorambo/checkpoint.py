@@ -88,6 +88,9 @@ def safe_load(path: str):
     except pickle.UnpicklingError as e:
         raise LoramboError(f"'{path}' holds more than tensors and plain data, so it was not loaded (it could run "
                            f"code); resume only checkpoints lorambo wrote ({str(e).splitlines()[0][:120]})")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # cut short (a full disk) or overwritten
+        raise LoramboError(f"'{path}' is damaged and cannot be read ({str(e).splitlines()[0][:100]}); the run "
+                           f"cannot continue from it: start it again")
 
 
 def load(run_dir: str, process_index: int) -> tuple[dict, dict]:
@@ -114,8 +117,12 @@ def remove(run_dir: str) -> None:
 def resume_config(run_dir: str):
     """The config a run to be resumed was started with (saved in its checkpoint), pointing at that run."""
     checkpoint_file(run_dir)
-    with open(os.path.join(run_dir, CONFIG)) as f:
-        cfg = OmegaConf.create(json.load(f))
+    try:
+        with open(os.path.join(run_dir, CONFIG)) as f:
+            cfg = OmegaConf.create(json.load(f))
+    except (OSError, ValueError) as e:
+        raise LoramboError(f"'{os.path.join(run_dir, CONFIG)}' is missing or damaged ({str(e)[:80]}); the run "
+                           f"cannot continue without its config: start it again") from None
     cfg.resume = run_dir
     return cfg
 

@@ -1,8 +1,10 @@
 """`lorambo-run`: a thin @hydra.main shim around lorambo.train.run."""
 
+import fcntl
 import os
 import sys
 import traceback
+from contextlib import contextmanager
 
 import hydra
 from omegaconf import DictConfig
@@ -58,6 +60,44 @@ def check_group_choices(argv: list[str]) -> None:
                                    f"{', '.join(group_options(key, dirs))}")
 
 
+# what a run writes as its outcome: cleared before a new run writes into the folder, so no stale result stays
+OUTCOME_FILES = ("metrics.json", "error.txt", "metrics_log.jsonl", "rank_history.jsonl", "allocation.json",
+                 "sensitivities.json", "labels.json")
+
+
+@contextmanager
+def run_folder(run_dir: str, resuming: bool):
+    """One writer per run folder (an advisory lock, released when the process ends however it ends); a new run
+    starts from a folder without a previous outcome (a resumed one keeps its own). The processes of one
+    multi-process run share the folder: the main process holds the lock for them (if it is refused, it fails
+    and the launcher stops the others)."""
+    os.makedirs(run_dir, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with open(os.path.join(run_dir, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LoramboError(f"another lorambo-run is writing into '{run_dir}'; wait for it, or give this run "
+                               f"its own folder (hydra.run.dir=...)") from None
+        if not resuming:
+            for name in OUTCOME_FILES:
+                if os.path.exists(os.path.join(run_dir, name)):
+                    os.remove(os.path.join(run_dir, name))
+        yield
+
+
+def check_resume_alone(argv: list[str]) -> None:
+    """`resume=DIR` continues a run with the config it was started with: another override would be ignored."""
+    if not any(a.startswith("resume=") and a != "resume=null" for a in argv):
+        return
+    others = [a for a in argv if not a.startswith(("resume=", "hydra.", "--")) and a != "-m"]
+    if others:
+        raise LoramboError(f"resume= continues a run with its own config, so {' '.join(others)} would be ignored; "
+                           f"drop it (or start a new run with it)")
+
+
 def fail(message: str) -> None:
     print(f"lorambo-run: error: {message}", file=sys.stderr)
 
@@ -70,6 +110,7 @@ def _main(cfg: DictConfig) -> float | None:
     import datasets
     import transformers
 
+    from lorambo.results import write_text_atomic
     from lorambo.train import run
 
     datasets.disable_progress_bars()  # one progress bar: training's
@@ -81,20 +122,22 @@ def _main(cfg: DictConfig) -> float | None:
 
             cfg = resume_config(cfg.resume)
             run_dir = cfg.resume
-        metrics = run(cfg, run_dir)
-    except (LoramboError, OmegaConfBaseException) as e:
-        message = str(e.__cause__ or e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
-        with open(os.path.join(run_dir, "error.txt"), "w") as f:
-            f.write(message + "\n")
-        fail(message)
-        _failures.append(run_dir)
-        return None
-    except Exception as e:  # a bug: reported with its traceback; the run folder says it failed
-        with open(os.path.join(run_dir, "error.txt"), "w") as f:
-            f.write(f"{type(e).__name__}: {e}\n")
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
-        traceback.print_exc()  # in a sweep the other jobs still run; lorambo-report lists this one as failed
+        with run_folder(run_dir, resuming=bool(cfg.get("resume"))):
+            try:
+                metrics = run(cfg, run_dir)
+            except (LoramboError, OmegaConfBaseException) as e:
+                message = str(e.__cause__ or e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
+                write_text_atomic(os.path.join(run_dir, "error.txt"), message + "\n")
+                raise LoramboError(message) from None
+            except Exception as e:  # a bug: reported with its traceback; the run folder says it failed
+                write_text_atomic(os.path.join(run_dir, "error.txt"), f"{type(e).__name__}: {e}\n")
+                if HydraConfig.get().mode != RunMode.MULTIRUN:
+                    raise
+                traceback.print_exc()  # in a sweep the other jobs still run; lorambo-report lists it as failed
+                _failures.append(run_dir)
+                return None
+    except LoramboError as e:  # before the folder was ours (a busy folder, a damaged resume) nothing is written
+        fail(str(e))
         _failures.append(run_dir)
         return None
     main_metric = cfg.task.main_metric
@@ -107,8 +150,10 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    _failures.clear()
     try:
         check_group_choices(sys.argv[1:])
+        check_resume_alone(sys.argv[1:])
     except LoramboError as e:
         fail(str(e))
         sys.exit(2)

@@ -22,15 +22,33 @@ class TaskData:
     train: torch.utils.data.Dataset
     evals: dict  # eval split name -> dataset
     collate_fn: object
+    label_names: list | None = None  # a local file's class names, in id order
 
 
 def load_task(task_cfg, model_cfg, tokenizer) -> TaskData:
     if task_cfg.type == "image_classification":
         return _image_task(task_cfg, model_cfg)
-    raw = _text_splits(task_cfg)
+    if task_cfg.source == "local_file":
+        from lorambo.local_file import local_splits
+
+        raw, names = local_splits(task_cfg)
+        raw = _held_out(task_cfg, raw)
+    else:
+        raw, names = _text_splits(task_cfg), None
     if task_cfg.type == "lm":
         return _lm_task(task_cfg, raw, tokenizer)
-    return _classification_task(task_cfg, raw, tokenizer)
+    check_max_length(task_cfg, tokenizer)
+    data = _classification_task(task_cfg, raw, tokenizer)
+    data.label_names = names
+    return data
+
+
+def check_max_length(task_cfg, tokenizer) -> None:
+    """A max_length that leaves no room for text after the special tokens was ignored by the tokenizer."""
+    special = tokenizer.num_special_tokens_to_add(pair=len(task_cfg.text_fields) > 1)
+    if task_cfg.max_length <= special + len(task_cfg.text_fields):
+        raise LoramboError(f"task.max_length={task_cfg.max_length} leaves no room for text after the tokenizer's "
+                           f"{special} special tokens; raise it (the task's default is in its yaml)")
 
 
 def _check_file(path) -> str:
@@ -54,19 +72,6 @@ def _text_splits(task_cfg):
         except Exception as e:  # the hub or a local folder: a user can fix either by the path
             raise LoramboError(f"cannot load dataset '{task_cfg.dataset.path}' ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); set task.dataset.path to a local copy")
-    elif source == "local_file":
-        files = {"train": _check_file(task_cfg.path)}
-        if task_cfg.get("validation_path"):
-            files["validation"] = _check_file(task_cfg.validation_path)
-        fmt = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json"}.get(task_cfg.path.rsplit(".", 1)[-1])
-        if fmt is None:
-            raise LoramboError(f"task.path '{task_cfg.path}' must end in .csv, .tsv, .json or .jsonl")
-        kwargs = {"delimiter": "\t"} if task_cfg.path.endswith(".tsv") else {}
-        raw = datasets.load_dataset(fmt, data_files=files, **kwargs)
-        missing = [c for c in [*task_cfg.text_fields, task_cfg.label_field] if c not in raw["train"].column_names]
-        if missing:
-            raise LoramboError(f"columns {missing} not in {task_cfg.path} (has {raw['train'].column_names}); "
-                               f"set task.text_fields / task.label_field")
     elif source == "rt_snippets":
         raw = datasets.DatasetDict({"train": _rt_snippets(_check_file(task_cfg.path))})
     elif source == "wiki_pairs":
@@ -82,8 +87,14 @@ def _text_splits(task_cfg):
         raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})})
     else:
         raise LoramboError(f"unknown task.source '{source}'")
+    return _held_out(task_cfg, raw)
+
+
+def _held_out(task_cfg, raw):
+    """A fixed split (seed 0), independent of the run's seed, so every run sees the same validation set."""
+    import datasets
+
     if "validation" not in raw and task_cfg.get("validation_fraction"):
-        # A fixed split (seed 0), independent of the run's seed, so every run sees the same validation set.
         split = raw["train"].train_test_split(test_size=task_cfg.validation_fraction, seed=0)
         raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     return raw

@@ -133,3 +133,9 @@ def save_base_model(model, model_cfg, run_dir: str) -> None:
         torch.save(model.state_dict(), os.path.join(path, "model.pt"))
     else:
         model.save_pretrained(path)
+
+
+def name_labels(model, names: list[str]) -> None:
+    """id2label / label2id in the model's config: the base model and the adapter's config.json carry them."""
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}

@@ -75,16 +75,20 @@ def load_run(run_dir: str) -> dict:
 def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
     """(finished runs, lines about sweep cells without a result). A cell one sweep lost but another given
     folder holds (a rerun of the same model, task, method and seed) is not missing."""
-    runs, missing = [], []
+    runs, missing, damaged = [], [], []
     for path in paths:
         if not os.path.exists(path):
             raise LoramboError(f"no such folder: '{path}'; give run or sweep folders (e.g. runs/multirun/DATE/TIME)")
         for metrics in sorted(glob.glob(os.path.join(path, "**", "metrics.json"), recursive=True)):
-            runs.append(load_run(os.path.dirname(metrics)))
+            try:
+                runs.append(load_run(os.path.dirname(metrics)))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut or edited by hand: the rest stands
+                damaged.append(f"damaged: {metrics} ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
+                               f"left out: rerun that cell")
         for sweep in sorted(glob.glob(os.path.join(path, "**", "multirun.yaml"), recursive=True)):
             missing += missing_cells(os.path.dirname(sweep))
     done = {run_identity(m) for m in runs} - {None}
-    return runs, [line for line, cell in missing if not done or cell_identity(cell) not in done]
+    return runs, damaged + [line for line, cell in missing if not done or cell_identity(cell) not in done]
 
 
 # what does not change a run's result: where it logs, and whether it was resumed

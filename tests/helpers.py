@@ -18,3 +18,19 @@ def run_cli(args, cwd, timeout=600, env=None):
     """`lorambo-run ARGS` as a user runs it, from `cwd` (with `env`, a changed environment)."""
     exe = os.path.join(os.path.dirname(sys.executable), "lorambo-run")
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_main(args, cwd, monkeypatch, capfd):
+    """(exit code, stdout, stderr) of `lorambo-run ARGS` in `cwd`, through the function the script calls, in
+    this process (a subprocess per case costs seconds of interpreter and torch start-up)."""
+    from lorambo.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["lorambo-run", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capfd.readouterr()
+    return code, out, err

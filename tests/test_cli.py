@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_main
 
 SMOKE = ["experiment=smoke"]
 
@@ -63,11 +63,11 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_no_traceback_no_result(case, tmp_path):
+def test_bad_input_is_one_line_no_traceback_no_result(case, tmp_path, monkeypatch, capfd):
     args, message = BAD_INPUTS[case]
-    result = run_cli(args, cwd=tmp_path, timeout=120)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("lorambo-run: error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    code, _, err = run_main(args, tmp_path, monkeypatch, capfd)  # the real script: tests/test_bad_inputs.py
+    assert code != 0
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lorambo-run: error:")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
     assert completed_runs(tmp_path) == []

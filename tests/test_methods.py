@@ -18,13 +18,14 @@ TOY_METHOD = '''
 """A toy method outside lorambo: LoRA with A frozen at its initialisation (LoRA-FA's idea), only B trains."""
 import torch
 
-from lorambo.methods import register
+from lorambo.methods import NoOptions, register
 from lorambo.methods.lora import Lora
 
 
 @register("freeze_a")
 class FreezeA(Lora):
-    options = ("note",)
+    class Options(NoOptions):
+        note: str
 
     def wrap(self, model, p_max, ranks, stats):
         model = super().wrap(model, p_max, ranks, stats)

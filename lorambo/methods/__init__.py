@@ -20,8 +20,11 @@ The loop, in order:
 import importlib
 import pkgutil
 from contextlib import nullcontext
+from difflib import get_close_matches
 
 import torch
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict
 
 from lorambo.errors import LoramboError
 
@@ -58,12 +61,21 @@ def import_named_module(group_cfg, group: str) -> None:
                                f"PYTHONPATH or fix the name")
 
 
-def check_options(given, known, what: str) -> None:
-    """An option the code does not read is a typo or a misplaced key: say so rather than ignore it."""
+def check_options(given, known, what: str, elsewhere: dict | None = None) -> None:
+    """An option the code does not read is a typo or a misplaced key: say so (with the near miss, here or in
+    `elsewhere`: {"method.": its keys}) rather than ignore it."""
     unknown = sorted(set(given) - set(known) - RESERVED_KEYS)
     if unknown:
-        raise LoramboError(f"{what} has no option '{unknown[0]}'; its options are: "
-                           f"{', '.join(sorted(known)) or '(none)'}")
+        candidates = {k: k for k in known} | {prefix + k: k for prefix, keys in (elsewhere or {}).items()
+                                               for k in keys if k not in RESERVED_KEYS}
+        near = get_close_matches(unknown[0], list(candidates.values()), n=1)
+        near = [full for full, short in candidates.items() if near and short == near[0]][:1]
+        raise LoramboError(f"{what} has no option '{unknown[0]}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+                           + f"; its options are: {', '.join(sorted(known)) or '(none)'}")
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 def build_method(cfg, layers, steps: int, run_dir: str, is_main: bool):
@@ -72,7 +84,11 @@ def build_method(cfg, layers, steps: int, run_dir: str, is_main: bool):
     if cfg.method.name not in METHODS:
         raise LoramboError(f"unknown method '{cfg.method.name}'; choose one of: {', '.join(sorted(METHODS))}")
     cls = METHODS[cfg.method.name]
-    check_options(cfg.method, cls.options, f"method {cfg.method.name}")
+    check_options(cfg.method, cls.Options.model_fields, f"method {cfg.method.name}")
+    from lorambo.schema import validate_options
+
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    validate_options(cls.Options, {k: v for k, v in options.items() if k not in RESERVED_KEYS}, "method.")
     return cls(cfg, layers, steps, run_dir, is_main)
 
 
@@ -80,7 +96,7 @@ class Method:
     """The hooks with what plain training does at each (nothing); every method overrides what it changes."""
 
     name = ""
-    options: tuple[str, ...] = ()  # the keys of its yaml that it reads, beside name and module
+    Options: type[BaseModel] = NoOptions  # its yaml's keys beside name and module, with their types and ranges
     uses_allocator = False  # its ranks come from the allocator (config group `allocator`) under the budget
     trains_adapter = True  # False: no adapter and no budget (full fine-tuning)
 

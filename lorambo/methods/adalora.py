@@ -3,16 +3,16 @@
 target_r = floor(P_max / sum_i (c_i + 1)); update_and_allocate runs after every optimizer step; adapter_params
 counts the ranks its final pattern keeps (A row + B column + singular value each)."""
 
-import os
 import re
 
+from pydantic import Field
 from torch import nn
 
 from lorambo.adapters import ADAPTER, adapter_ranks
 from lorambo.budget import LayerSpec
 from lorambo.errors import LoramboError
-from lorambo.methods import Method, register
-from lorambo.methods.lora import load_tensors, plot_final_ranks, trainable_tensors
+from lorambo.methods import Method, NoOptions, register
+from lorambo.methods.lora import load_tensors, plot_final_ranks, save_adapter, trainable_tensors
 
 
 def adalora_target_rank(layers: list[LayerSpec], p_max: int) -> int:
@@ -59,7 +59,12 @@ def adalora_effective_ranks(peft_model: nn.Module) -> dict[str, int]:
 
 @register("adalora")
 class AdaLora(Method):
-    options = ("init_r_ratio", "tinit_fraction", "tfinal_fraction", "delta_t", "orth_reg_weight")
+    class Options(NoOptions):
+        init_r_ratio: float = Field(ge=1)
+        tinit_fraction: float = Field(ge=0, lt=1)
+        tfinal_fraction: float = Field(ge=0, lt=1)
+        delta_t: int = Field(ge=1)
+        orth_reg_weight: float = Field(ge=0)
 
     def wrap(self, model, p_max, ranks, stats):
         return wrap_adalora(model, self.layers, p_max, self.cfg.model.head_modules, self.cfg.lora, self.opts,
@@ -93,4 +98,4 @@ class AdaLora(Method):
         return metrics
 
     def save(self, model, run_dir: str) -> None:
-        model.save_pretrained(os.path.join(run_dir, "adapter"))
+        save_adapter(model, run_dir)

@@ -19,12 +19,13 @@ import math
 import re
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from lorambo.adapters import ADAPTER, adapter_parameter_count, adapter_ranks, lora_layers, set_rank, wrap_lora
 from lorambo.allocators import allocate
 from lorambo.budget import LayerSpec
-from lorambo.methods import register
+from lorambo.methods import NoOptions, register
 from lorambo.methods.lora import Lora
 
 
@@ -179,7 +180,13 @@ class ArdLora(Lora):
     """A rank-R LoRA with learnable rank scales, its own rate for them, a regulariser, and the cut at the end."""
 
     uses_allocator = False  # its ranks come from its scales
-    options = ("alpha_max", "tau", "lambda_l1", "lambda_tv", "alpha_lr", "per_head")
+    class Options(NoOptions):
+        alpha_max: float = Field(ge=1)
+        tau: float = Field(gt=0)
+        lambda_l1: float = Field(ge=0)
+        lambda_tv: float = Field(ge=0)
+        alpha_lr: float = Field(gt=0)
+        per_head: bool
 
     def label(self) -> str:
         return self.name

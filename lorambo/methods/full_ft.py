@@ -6,8 +6,9 @@ import os
 import statistics
 
 import torch
+from pydantic import Field
 
-from lorambo.methods import Method, register
+from lorambo.methods import Method, NoOptions, register
 from lorambo.methods.lora import load_tensors
 from lorambo.plots import plot_rank_history
 from lorambo.results import append_jsonl, read_jsonl
@@ -37,7 +38,8 @@ class ProjectionRanks:
 
 @register("full_ft")
 class FullFineTuning(Method):
-    options = ("lr",)  # its own learning rate (model.full_ft_lr), read by train.lr
+    class Options(NoOptions):
+        lr: float = Field(gt=0)  # its own learning rate (model.full_ft_lr), read by train.lr
     trains_adapter = False
 
     def wrap(self, model, p_max, ranks, stats):

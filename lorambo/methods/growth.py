@@ -3,14 +3,16 @@ event step, measure each layer's full-weight gradient on that step, decide by ma
 (lorambo/allocators/hessian_online.py holds the pure decisions), and grow the real tensors (adapters.grow_rank)."""
 
 import os
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from lorambo.adapters import ADAPTER, adapter_ranks, factor_matrices, grow_rank, lora_layers
 from lorambo.allocators.hessian_online import event_steps, growth_decision, marginal_benefits, mean_curvatures
 from lorambo.budget import LayerSpec, allocation_cost
-from lorambo.methods import register
+from lorambo.methods import NoOptions, register
 from lorambo.methods.lora import Lora
 from lorambo.plots import plot_rank_history
 from lorambo.results import append_jsonl, read_jsonl
@@ -180,7 +182,10 @@ class OnlineGrowth:
 class Growth(Lora):
     """LoRA from the allocator's starting ranks, grown at `growth_events` event steps until P_max is spent."""
 
-    options = ("curvature", "grow_every", "growth_events")
+    class Options(NoOptions):
+        curvature: Literal["fisher_trace", "hessian_trace"]
+        grow_every: int | None = Field(ge=1)  # null: the events spread over the first half of the run
+        growth_events: int = Field(ge=1)
 
     def required_stats(self) -> set[str]:
         return {self.opts.curvature}

@@ -24,6 +24,17 @@ def load_tensors(model, tensors: dict, complete: bool = False) -> None:
                            f"resume a run with its own config")
 
 
+def save_adapter(model, run_dir: str) -> None:
+    """PEFT's adapter folder; when the classes have names (a local file's), the base config beside it, so that
+    the adapter's folder says what each output means (`config.json`'s id2label)."""
+    path = os.path.join(run_dir, "adapter")
+    model.save_pretrained(path)
+    config = getattr(model.get_base_model(), "config", None)
+    labels = getattr(config, "id2label", None) or {}
+    if any(name != f"LABEL_{i}" for i, name in labels.items()):
+        config.save_pretrained(path)
+
+
 def plot_final_ranks(method: Method, metrics: dict) -> None:
     if method.is_main:
         plot_ranks(metrics["ranks"], [l.name for l in method.layers], os.path.join(method.run_dir, "ranks.png"),
@@ -70,7 +81,7 @@ class Lora(Method):
     def save(self, model, run_dir: str) -> None:
         """PEFT's format (`PeftModel.from_pretrained(base, run_dir/adapter)`), its config holding the real ranks."""
         sync_peft_config(model)
-        model.save_pretrained(os.path.join(run_dir, "adapter"))
+        save_adapter(model, run_dir)
 
 
 @register("dora")

@@ -1,0 +1,137 @@
+"""The composed config, checked once before anything is built.
+
+pydantic (already installed with wandb) rather than Hydra's structured configs: typed fields with readable
+errors and `extra="forbid"` for misspelt keys, over the yaml groups as they are, without rewriting each group
+as a dataclass. A method's own options are its class's `Options` model (lorambo/methods/)."""
+
+from difflib import get_close_matches
+from typing import Literal
+
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorambo.errors import LoramboError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Train(Section):
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    eval_batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    max_steps: int | None = Field(ge=1)  # null: train.epochs
+    grad_accum: int = Field(ge=1)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float | None = Field(ge=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"]
+    log_every: int = Field(ge=1)
+    eval_every: int = Field(ge=0)
+    checkpoint_every: int = Field(ge=0)
+    keep_checkpoint: bool
+
+
+class Lora(Section):
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    scaling: Literal["matched", "per_layer", "rslora"]
+
+
+class Sensitivity(Section):
+    gradient_batches: int = Field(ge=1)
+    hessian_batches: int = Field(ge=1)
+    hutchinson_probes: int = Field(ge=1)
+    power_iterations: int = Field(ge=1)
+    covariance_batches: int = Field(ge=1)
+    fisher_batches: int = Field(ge=1)
+    fisher_samples: int = Field(ge=1)
+    fisher_labels: Literal["model", "true"]
+    head_warmup_steps: int = Field(ge=0)
+    head_warmup_lr: float = Field(gt=0)
+    curvature: Literal["fisher_trace", "hessian_trace"]
+
+
+class Budget(Section):
+    kind: Literal["absolute", "match_uniform"]
+    p_max: int | None = Field(default=None, ge=1)
+    rank: int | None = Field(default=None, ge=1)
+    scale: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def has_its_size(self):
+        if self.kind == "absolute" and self.p_max is None:
+            raise ValueError("an absolute budget needs budget.p_max")
+        if self.kind == "match_uniform" and self.rank is None:
+            raise ValueError("a budget matched to uniform needs budget.rank")
+        return self
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(extra="allow")  # each source has its own keys (paths, fields, splits)
+    type: Literal["classification", "regression", "lm", "image_classification"]
+    num_labels: int | None = Field(default=None, ge=1)
+    max_train_samples: int | None = Field(default=None, ge=1)  # null: no limit
+    max_eval_samples: int | None = Field(default=None, ge=1)
+    max_length: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def classes(self):
+        if self.type == "classification" and (self.num_labels or 0) < 2:
+            raise ValueError("a classification task needs task.num_labels >= 2 (for one output: "
+                             "task.type=regression)")
+        return self
+
+
+class Run(Section):
+    seed: int = Field(ge=0)
+    resume: str | None = None
+    model: dict  # the groups checked elsewhere: model and logger by their use, method and allocator by their
+    logger: dict  # own options (lorambo/methods, lorambo/allocation.py), the optimizer by its constructor
+    optimizer: dict
+    method: dict
+    allocator: dict
+    lora: Lora
+    sensitivity: Sensitivity
+    train: Train
+    budget: Budget
+    task: Task
+
+
+def one_line(error: ValidationError, data: dict, prefix: str = "") -> str:
+    """pydantic's first error as one line naming the key, its value and the fix (a near miss for a new key)."""
+    first = error.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    key = prefix + path
+    if first["type"] == "extra_forbidden":
+        section = data
+        for part in first["loc"][:-1]:
+            section = section.get(part, {}) if isinstance(section, dict) else {}
+        known = [k for k in section if k != first["loc"][-1]] if isinstance(section, dict) else []
+        near = get_close_matches(str(first["loc"][-1]), known, n=1)
+        hint = f"did you mean {prefix}{'.'.join(str(p) for p in first['loc'][:-1])}.{near[0]}?" if near else \
+            f"known keys: {', '.join(sorted(known))}"
+        return f"unknown key {key}; {hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a rule over several keys
+        return message
+    return f"{key}={first.get('input')!r}: {message[:1].lower() + message[1:]}"
+
+
+def validate(cfg) -> None:
+    """Raise LoramboError with one line for the first value out of range, of the wrong type, or misspelt."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        Run.model_validate(data)
+    except ValidationError as e:
+        raise LoramboError(one_line(e, data)) from None
+
+
+def validate_options(model: type[BaseModel], options: dict, prefix: str) -> None:
+    """A method's or allocator's options against its Options model."""
+    try:
+        model.model_validate(options)
+    except ValidationError as e:
+        raise LoramboError(one_line(e, {**options}, prefix)) from None

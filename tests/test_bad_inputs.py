@@ -1,0 +1,215 @@
+"""Every bad input a user can give `lorambo-run` (or `lorambo-report`) ends in one line naming the fix, a
+non-zero exit, no traceback, and no result that lies (issue 14). Each case runs `lorambo.cli.main` in this
+process with the argv a user types (what the `lorambo-run` script calls; a subprocess per case would cost the
+suite minutes); a few run the real script as a subprocess too."""
+
+import fcntl
+import json
+import os
+
+import pytest
+import torch
+
+from tests.helpers import run_cli, run_main
+
+SMOKE = ["experiment=smoke", "train.max_steps=2", "task.max_eval_samples=16"]
+
+
+lorambo_run = run_main
+
+
+def assert_one_error_line(code, err, message):
+    assert code != 0 and "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("lorambo-run: error:")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+
+
+VALUES = {
+    "budget.p_max=lots": (["budget=6M", "budget.p_max=lots"], "budget.p_max='lots': input should be a valid integer"),
+    "lora.dropout=1.5": (["lora.dropout=1.5"], "lora.dropout=1.5: input should be less than 1"),
+    "train.lr=-1": (["train.lr=-1"], "train.lr=-1: input should be greater than 0"),
+    "train.lr=abc": (["train.lr=abc"], "train.lr='abc': input should be a valid number"),
+    "train.batch_size=0": (["train.batch_size=0"], "train.batch_size=0: input should be greater than or equal to 1"),
+    "train.grad_accum=0": (["train.grad_accum=0"], "train.grad_accum=0: input should be greater than or equal to 1"),
+    "train.max_steps=-5": (["train.max_steps=-5"], "train.max_steps=-5: input should be greater than or equal to 1"),
+    "train.max_steps=0": (["train.max_steps=0"], "train.max_steps=0: input should be greater than or equal to 1"),
+    "seed=-1": (["seed=-1"], "seed=-1: input should be greater than or equal to 0"),
+    "seed=abc": (["seed=abc"], "seed='abc': input should be a valid integer"),
+    "method.grow_every=0": (["allocator=hessian_online", "method.grow_every=0"],
+                            "method.grow_every=0: input should be greater than or equal to 1"),
+    "task.num_labels=0": (["task.num_labels=0"], "task.num_labels=0: input should be greater than or equal to 1"),
+    "task.num_labels=1": (["task.num_labels=1"], "a classification task needs task.num_labels >= 2"),
+    "lora.alpha=0": (["lora.alpha=0"], "lora.alpha=0: input should be greater than 0"),
+    "lora.alpha=-4": (["lora.alpha=-4"], "lora.alpha=-4: input should be greater than 0"),
+    "task.max_train_samples=0": (["task.max_train_samples=0"],
+                                 "task.max_train_samples=0: input should be greater than or equal to 1"),
+    "task.max_length=2": (["task.max_length=2"], "task.max_length=2 leaves no room for text"),
+    "+train.lrr": (["+train.lrr=1e-3"], "unknown key train.lrr; did you mean train.lr?"),
+    "+allocator.grow_evry": (["allocator=hessian_online", "+allocator.grow_evry=3"],
+                             "allocator hessian_online has no option 'grow_evry' (did you mean 'method.grow_every'?)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALUES))
+def test_a_bad_value_or_key_is_one_line_and_no_result(case, tmp_path, monkeypatch, capfd):
+    args, message = VALUES[case]
+    keys = {a.lstrip("+").split("=")[0] for a in args}
+    base = [a for a in SMOKE if a.split("=")[0] not in keys]
+    code, _, err = lorambo_run([*base, *args, "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert_one_error_line(code, err, message)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / "error.txt").read_text().strip() in err
+
+
+def test_a_bad_value_through_the_real_script(tmp_path):
+    result = run_cli([*SMOKE, "train.lr=-1"], tmp_path, timeout=120)
+    assert_one_error_line(result.returncode, result.stderr, "train.lr=-1: input should be greater than 0")
+
+
+# --- a researcher's own file
+
+def write(path, content: bytes | str):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+ROWS = "".join(f"movie {i} was {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(40))
+LOCAL_FILES = {
+    "empty file": ("train.csv", "", "is empty"),
+    "header only": ("train.csv", "text,label\n", "has a header (text, label) but no rows"),
+    "not UTF-8": ("train.csv", b"text,label\ncaf\xe9 noir,1\n" + ROWS.encode(), "is not UTF-8 text (line 2, byte 14 is 0xe9)"),
+    "broken JSONL line": ("train.jsonl", '{"text": "a fine film", "label": 1}\n{"text": "cut', "line 2 is not valid JSON"),
+    "empty text": ("train.csv", "text,label\nfine,1\n ,0\n" + ROWS, "record 2 has an empty 'text'"),
+    "one row": ("train.csv", "text,label\nfine,1\n", "has 1 records: too few to hold out"),
+    "label out of range": ("train.csv", "text,label\n" + ROWS + "a terrible film,5\n",
+                           "record 41 has label 5, outside 0..1"),
+    "mixed label types": ("train.csv", "text,label\n" + ROWS + "a terrible film,neg\n", "mix numbers and names"),
+    "more names than classes": ("train.csv", "text,label\n" + ROWS.replace(",0\n", ",neg\n").replace(",1\n", ",pos\n")
+                                + "so so,meh\n", "the labels are 3 names (meh, neg, pos) but task.num_labels=2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOCAL_FILES))
+def test_a_bad_local_file_is_one_line(case, tmp_path, monkeypatch, capfd):
+    name, content, message = LOCAL_FILES[case]
+    path = write(tmp_path / name, content)
+    code, _, err = lorambo_run([*SMOKE, "task=local_file", f"task.path={path}", "hydra.run.dir=run"], tmp_path,
+                               monkeypatch, capfd)
+    assert_one_error_line(code, err, message)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_labels_outside_the_range_in_the_validation_file_are_named(tmp_path, monkeypatch, capfd):
+    train = write(tmp_path / "train.csv", "text,label\n" + ROWS)
+    valid = write(tmp_path / "valid.csv", "text,label\nfine,1\nodd,2\n")
+    code, _, err = lorambo_run([*SMOKE, "task=local_file", f"task.path={train}", f"task.validation_path={valid}",
+                                "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert_one_error_line(code, err, f"'{valid}' record 2 has label 2, outside 0..1")
+
+
+def test_a_validation_label_name_unknown_to_training_is_named(tmp_path, monkeypatch, capfd):
+    train = write(tmp_path / "train.jsonl", "".join(json.dumps({"text": f"film {i}", "label": ["neg", "pos"][i % 2]})
+                                                    + "\n" for i in range(40)))
+    valid = write(tmp_path / "valid.jsonl", '{"text": "fine", "label": "pos"}\n{"text": "hm", "label": "meh"}\n')
+    code, _, err = lorambo_run([*SMOKE, "task=local_file", f"task.path={train}", f"task.validation_path={valid}",
+                                "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert_one_error_line(code, err, "has label 'meh', not among the training labels (neg, pos)")
+
+
+def test_string_labels_train_and_reload_with_their_names(tmp_path):
+    """An NLI-style file with named classes: mapped to ids in task.label_names' order, recorded in the run folder
+    and in the adapter's config.json, and the saved adapter reproduces the run's accuracy."""
+    from peft import PeftModel
+
+    from tests.helpers import compose_cfg, run_in_process
+    from tests.test_runs import evaluate_independently, load_base
+
+    names = ["entailment", "neutral", "contradiction"]
+    rows = [{"premise": f"a man plays {i}", "hypothesis": f"someone plays {i % 7}", "label": names[i % 3]}
+            for i in range(120)]
+    path = write(tmp_path / "nli.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [*SMOKE, "train.max_steps=4", "task=local_file", f"task.path={path}", "task.num_labels=3",
+                 "task.text_fields=[premise,hypothesis]", f"+task.label_names=[{','.join(names)}]"]
+    metrics = run_in_process(overrides, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "labels.json").read_text()) == {str(i): n for i, n in enumerate(names)}
+    config = json.loads((tmp_path / "run" / "adapter" / "config.json").read_text())
+    assert config["id2label"] == {str(i): n for i, n in enumerate(names)}
+    cfg = compose_cfg(overrides)
+    reloaded = PeftModel.from_pretrained(load_base(cfg, tmp_path / "run"), str(tmp_path / "run" / "adapter"))
+    assert reloaded.config.id2label == {i: n for i, n in enumerate(names)}
+    assert evaluate_independently(cfg, reloaded)["accuracy"] == pytest.approx(metrics["accuracy"], rel=1e-6)
+
+
+# --- damaged files and run folders
+
+@pytest.fixture
+def checkpointed(tmp_path):
+    from tests.helpers import run_in_process
+
+    run_dir = tmp_path / "run"
+    run_in_process([*SMOKE, "train.max_steps=4", "train.checkpoint_every=3", "train.keep_checkpoint=true"], run_dir)
+    (run_dir / "metrics.json").unlink()  # as if killed after its checkpoint
+    return run_dir
+
+
+@pytest.mark.parametrize("target,message", [("checkpoint.pt", "is damaged and cannot be read"),
+                                            ("checkpoint_config.json", "is missing or damaged")])
+def test_a_damaged_checkpoint_is_one_line(target, message, checkpointed, monkeypatch, capfd):
+    data = (checkpointed / target).read_bytes()
+    (checkpointed / target).write_bytes(data[: len(data) // 2])
+    code, _, err = lorambo_run([f"resume={checkpointed}"], checkpointed.parent, monkeypatch, capfd)
+    assert_one_error_line(code, err, message)
+    assert not (checkpointed / "metrics.json").exists()
+
+
+def test_resume_with_other_overrides_is_refused(checkpointed, monkeypatch, capfd):
+    code, _, err = lorambo_run([f"resume={checkpointed}", "train.lr=1"], checkpointed.parent, monkeypatch, capfd)
+    assert_one_error_line(code, err, "resume= continues a run with its own config, so train.lr=1 would be ignored")
+
+
+def test_a_second_writer_into_a_busy_run_folder_is_refused(tmp_path, monkeypatch, capfd):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run writing there
+        code, _, err = lorambo_run([*SMOKE, "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert_one_error_line(code, err, "another lorambo-run is writing into")
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".hydra") in (
+        [".lock"], [".lock", "cli.log"])  # nothing of the other run touched, no error.txt written into it
+
+
+def test_a_rerun_into_a_folder_clears_the_previous_outcome(tmp_path, monkeypatch, capfd):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"accuracy": 0.99}')  # an old success
+    code, _, err = lorambo_run([*SMOKE, "train.lr=-1", "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert code != 0 and not (run_dir / "metrics.json").exists() and (run_dir / "error.txt").exists()
+    code, _, err = lorambo_run([*SMOKE, "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert code == 0, err[-2000:]
+    assert (run_dir / "metrics.json").exists() and not (run_dir / "error.txt").exists()
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics_log.jsonl").read_text().splitlines()]
+    assert logged == sorted(logged)  # one run's log, not two interleaved
+
+
+def test_the_report_lists_a_damaged_metrics_file_and_reports_the_rest(tmp_path, capsys):
+    from lorambo.report import main as report_main
+    from tests.helpers import run_in_process
+
+    for seed in (0, 1):
+        run_in_process([*SMOKE, f"seed={seed}"], tmp_path / f"s{seed}")
+    damaged = tmp_path / "s1" / "metrics.json"
+    damaged.write_text(damaged.read_text()[:40])
+    report_main([str(tmp_path), "--no-plots"])
+    out = capsys.readouterr().out
+    assert f"damaged: {damaged}" in out and "1 runs" in out
+
+
+def test_a_fresh_clone_has_the_runs_folder():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert os.path.isfile(os.path.join(root, "runs", "README.md"))
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(checkpointed):
+    """The planted-pickle case is tests/test_resume.py's; here: what lorambo writes loads with weights_only."""
+    state = torch.load(checkpointed / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and "method" in state and "progress" in state
