@@ -106,7 +106,7 @@ def lorambo_stepper(model, cfg):
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     method = build_method(cfg, [], 10**6, "", False)  # the configured method's hooks (LoRA: none in a step)
-    return lambda batch: train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, 1)
+    return lambda batch: train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, 1, trainable)
 
 
 def setting(overrides, batch_size: int, n_batches: int, max_length: int | None = 64):

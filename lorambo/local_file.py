@@ -7,7 +7,6 @@ of `task.label_names`, and the validation file must use the same names."""
 
 import csv
 import json
-import os
 import re
 
 from lorambo.errors import LoramboError
@@ -19,9 +18,9 @@ def read_rows(path: str) -> list[dict]:
     """Every record of the file as a dict; one line naming the file (and line) for anything unreadable."""
     if not path.endswith((".csv", ".tsv", ".json", ".jsonl")):
         raise LoramboError(f"task.path '{path}' must end in .csv, .tsv, .json or .jsonl")
-    if not os.path.isfile(path):
-        raise LoramboError(f"data file not found: '{path}'; check task.path (and task.validation_path)")
-    with open(path, "rb") as f:
+    from lorambo.data import _check_file
+
+    with open(_check_file(path), "rb") as f:
         data = f.read()
     try:
         text = data.decode("utf-8")

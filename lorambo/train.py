@@ -145,6 +145,7 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
     checkpoint_every = cfg.train.get("checkpoint_every") or 0
     t_train = t_interval = time.perf_counter()
     p = progress
+    trainable = [q for q in model.parameters() if q.requires_grad]  # clipped each step; new after growth
     # a context manager, so the bar is closed before any error line is printed
     with tqdm(total=steps, initial=p.step, desc="train", disable=not accelerator.is_main_process,
               dynamic_ncols=True) as bar:
@@ -158,13 +159,15 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
                 p.batch_in_epoch += 1
                 t_step = time.perf_counter()
                 with method.measuring(p.step + 1, accelerator.unwrap_model(model)):
-                    loss = train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, p.step + 1)
+                    loss = train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, p.step + 1,
+                                      trainable)
                 p.interval_loss = p.interval_loss + loss.detach()  # stays on device: no host sync per step
                 p.interval_batches += 1
                 if not accelerator.sync_gradients:
                     continue
                 p.step += 1
                 if method.after_step(p.step, accelerator.unwrap_model(model), optimizer, accelerator):
+                    trainable = [q for q in model.parameters() if q.requires_grad]
                     if accelerator.num_processes > 1:  # DDP's buckets hold the old tensors: wrap anew
                         model = accelerator.prepare_model(accelerator.unwrap_model(model))
                 p.step_times.append(time.perf_counter() - t_step)
@@ -192,7 +195,7 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
     return model
 
 
-def train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, step: int):
+def train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, step: int, trainable):
     """One micro-batch: forward (plus the method's loss term), backward, and when gradients are in sync, clip,
     step, the method's after-optimizer-step hook (AdaLoRA's budget update), zero."""
     with accelerator.accumulate(model):
@@ -202,7 +205,7 @@ def train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, ste
             loss = loss + extra
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.train.max_grad_norm:
-            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm)
+            accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         if accelerator.sync_gradients:
