@@ -274,3 +274,14 @@ def _image_task(task_cfg, model_cfg) -> TaskData:
             lambda b: {"pixel_values": [transform(im) for im in b["image"]], "labels": b["label"]})
 
     return TaskData(prepare("train"), {"validation": prepare("validation")}, None)
+
+
+def data_loaders(cfg, data):
+    """The shuffled training loader (seeded) and one loader per evaluation split."""
+    from torch.utils.data import DataLoader
+
+    train_loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=data.collate_fn, generator=torch.Generator().manual_seed(cfg.seed))
+    eval_loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=data.collate_fn)
+                    for name, ds in data.evals.items()}
+    return train_loader, eval_loaders

@@ -1,4 +1,5 @@
-"""The run's devices and processes: accelerate's Accelerator as lorambo configures it."""
+"""The run's devices and processes: accelerate's Accelerator as lorambo configures it, the precision it trains
+in, and how many threads torch may use."""
 
 import os
 
@@ -9,18 +10,70 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    set_threads(cfg.train.get("threads"))
     return Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=None if cfg.logger.name == "none" else "wandb",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dynamo_backend=cfg.train.compile_backend if cfg.train.get("compile") else None,
         # several processes without GPUs (torchrun on CPUs): accelerate runs them data-parallel on gloo only
         # when told they are CPU processes; otherwise each would train alone
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
     )
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX-512 BF16). torch's own probes are
+    private (torch.cpu._is_*_supported), so a torch without them reads the kernel's CPU flags instead."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(probe is not None for probe in probes):
+        return any(probe() for probe in probes)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def resolve_mixed_precision(setting: str) -> str:
+    """auto: bf16 autocast where the hardware has bf16 arithmetic (a GPU that supports it, or a CPU with AMX or
+    AVX-512 BF16; measured on the offline default in docs/results.md: faster at the same accuracy), else
+    float32. Weights, adapter and optimizer state stay float32 either way: autocast only runs the matmuls of
+    the training and evaluation forward (and their backward) in bf16."""
     if setting != "auto":
         return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its affinity, which a cluster job or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """All the process's cores for one run; in a sweep whose cells run side by side (hydra/launcher=parallel),
+    cores / cells, so that the cells' threads add up to the machine's cores (torch starts one thread per core
+    in every process: two or three full-width processes on 2 cores made each step ~20x slower)."""
+    cells = 1
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            cells = int(HydraConfig.get().launcher.get("n_jobs") or 1)
+            if cells < 0:  # joblib's convention: -1 all cores, -2 all but one, ...
+                cells = max(1, machine_cores() + 1 + cells)
+    except (ImportError, ValueError, AttributeError):
+        pass
+    return max(1, machine_cores() // max(1, cells))
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads for this process: `train.threads`, or `default_threads()` when null."""
+    n = threads or default_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

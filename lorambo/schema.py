@@ -28,6 +28,11 @@ class Train(Section):
     weight_decay: float = Field(ge=0)
     max_grad_norm: float | None = Field(ge=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"]
+    # defaults: what a run configured before these keys existed did
+    threads: int | None = Field(default=None, ge=1)
+    dropout_masks: Literal["packed", "torch"] = "torch"
+    compile: bool = False
+    compile_backend: str = "inductor"
     log_every: int = Field(ge=1)
     eval_every: int = Field(ge=0)
     checkpoint_every: int = Field(ge=0)

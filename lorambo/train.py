@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lorambo import checkpoint
 from lorambo.allocation import choose_ranks
 from lorambo.budget import budget_label, resolve_p_max
-from lorambo.data import load_task
+from lorambo.data import data_loaders, load_task
 from lorambo.devices import make_accelerator
+from lorambo.dropout import use_mask_dropout
 from lorambo.errors import LoramboError
 from lorambo.evaluation import evaluate_all, loss_and_logits, reported_metrics
 from lorambo.methods import build_method
@@ -66,14 +66,13 @@ def run(cfg, run_dir: str) -> dict:
     allocation = resumed["allocation"] if resumed else choose_ranks(cfg, method, model, layers, p_max, data,
                                                                    accelerator, run_dir)
     model = method.wrap(model, p_max, allocation["ranks"], allocation["stats"])
+    if cfg.train.get("dropout_masks") == "packed":
+        use_mask_dropout(model)
     if resumed:
         method.load_state(model, resumed["method"])
 
     # --- optimisation
-    train_loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                              collate_fn=data.collate_fn, generator=torch.Generator().manual_seed(cfg.seed))
-    eval_loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=data.collate_fn)
-                    for name, ds in data.evals.items()}
+    train_loader, eval_loaders = data_loaders(cfg, data)
     optimizer = build_optimizer(cfg.optimizer, cfg.train, method.param_groups(model))
     # accelerate steps a prepared scheduler once per process at each optimizer step (it assumes a schedule
     # written for one process), so the schedule is laid out in those units, as Hugging Face's own scripts do
@@ -114,6 +113,7 @@ def run(cfg, run_dir: str) -> dict:
         "eval_seconds": time.perf_counter() - t_eval,
         "step_seconds_median": statistics.median(progress.step_times), "steps": progress.step,
         "resumed_from_step": resumed["progress"]["step"] if resumed else None, "lr": cfg.train.lr,
+        "mixed_precision": accelerator.mixed_precision, "threads": torch.get_num_threads(),
     }
     if main:
         write_results(method, metrics, unwrapped, log, resolved, run_dir, t_start, progress.step)
