@@ -8,7 +8,8 @@ same as JSON on the last line (and to --json FILE if given).
     .venv/bin/python bench/harness.py [--repeats 8] [--steps 5] [--only minilm_vs_peft,...] [--json FILE]
 
 Parts (--only): minilm_vs_peft, tiny_gpt2_vs_peft, grown_vs_direct, sensitivity, allocation, full_ft,
-flop_rate.
+step_speed, compile, sweep, offline_default. The last two time whole lorambo-run commands (about 25 and 8 minutes
+here); run the harness alone on the machine.
 """
 
 import argparse
@@ -29,6 +30,8 @@ from lorambo.allocators import allocate
 from lorambo.budget import LayerSpec, resolve_p_max
 from lorambo.config import compose_config
 from lorambo.data import load_task
+from lorambo.devices import resolve_mixed_precision
+from lorambo.dropout import use_mask_dropout
 from lorambo.evaluation import evaluate, loss_and_logits
 from lorambo.methods import build_method
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
@@ -43,7 +46,8 @@ def spread(times: list[float]) -> dict:
     return {"median": statistics.median(times), "iqr": q[2] - q[0], "n": len(times)}
 
 
-def interleaved(steppers: dict, batches, repeats: int, samples_out: dict | None = None) -> dict:
+def interleaved(steppers: dict, batches, repeats: int, samples_out: dict | None = None,
+                rounds_out: dict | None = None) -> dict:
     """Median step time of each stepper: two warm-up steps each, then `repeats` rounds in which every stepper
     runs all `batches`, the order of the steppers reversed every other round. With two steppers, also their
     ratio as the median over rounds of the ratio of the round's medians (paired in time, so slow drifts of the
@@ -64,11 +68,17 @@ def interleaved(steppers: dict, batches, repeats: int, samples_out: dict | None 
     samples = {name: [t for r in rs for t in r] for name, rs in rounds.items()}
     if samples_out is not None:
         samples_out.update(samples)
+    if rounds_out is not None:
+        rounds_out.update(rounds)
     out = {name: spread(times) for name, times in samples.items()}
     if len(names) == 2:
-        a, b = (rounds[n] for n in names)
-        out["ratio"] = spread([statistics.median(x) / statistics.median(y) for x, y in zip(a, b)])
+        out["ratio"] = paired_ratio(rounds[names[0]], rounds[names[1]])
     return out
+
+
+def paired_ratio(a_rounds, b_rounds) -> dict:
+    """Median over rounds of (a's median step / b's) in the same round: paired in time, so drifts cancel."""
+    return spread([statistics.median(x) / statistics.median(y) for x, y in zip(a_rounds, b_rounds)])
 
 
 def adamw_step(model, optimizer, params, clip: float = 1.0, scheduler=None):
@@ -83,26 +93,36 @@ def adamw_step(model, optimizer, params, clip: float = 1.0, scheduler=None):
     return step
 
 
-def plain_stepper(model, lr: float = 1e-4):
-    """A plain loop over a PEFT model: AdamW on its trainable parameters with a linear schedule."""
+def plain_stepper(model, lr: float = 1e-4, precision: str = "no"):
+    """A plain loop over a PEFT model: AdamW on its trainable parameters with a linear schedule (the forward
+    under bf16 autocast when `precision` is bf16, as accelerate does)."""
     from transformers import get_linear_schedule_with_warmup
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     model.train()
+    if precision == "bf16":
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
     return adamw_step(model, optimizer, lambda: trainable,
                       scheduler=get_linear_schedule_with_warmup(optimizer, 0, 10**6))
 
 
 def lorambo_stepper(model, cfg):
-    """lorambo's own training step: its model wrapper, accelerate, and train.train_step."""
+    """lorambo's own training step: its model wrapper, accelerate at the configured precision, its dropout
+    masks (train.dropout_masks), and train.train_step."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import get_linear_schedule_with_warmup
 
+    if cfg.train.dropout_masks == "packed":
+        use_mask_dropout(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10**6)
-    accelerator = Accelerator(mixed_precision="no", cpu=True)
+    # one accelerate state per process: each stepper's precision is fixed in its prepared model's forward
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=True,
+                              dynamo_backend=cfg.train.compile_backend if cfg.train.compile else None)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     method = build_method(cfg, [], 10**6, "", False)  # the configured method's hooks (LoRA: none in a step)
@@ -133,9 +153,11 @@ def lorambo_vs_peft(overrides, args) -> dict:
         r=max(ranks.values()), lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=sorted(ranks), modules_to_save=list(cfg.model.head_modules) or None))
     ours = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora)
-    times = interleaved({"lorambo": lorambo_stepper(ours, cfg), "peft": plain_stepper(plain)}, batches,
-                        args.repeats)
-    return {**times, "rank": max(ranks.values()), "layers": len(ranks)}
+    precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    times = interleaved({"lorambo": lorambo_stepper(ours, cfg), "peft": plain_stepper(plain, precision=precision)},
+                        batches, args.repeats)
+    return {**times, "rank": max(ranks.values()), "layers": len(ranks), "precision": precision,
+            "dropout_masks": cfg.train.dropout_masks}
 
 
 def grown_vs_direct(args) -> dict:
@@ -346,32 +368,203 @@ def encoder_step_flop(model, batch) -> float:
     return 2 * (2 * linear * tokens) + 3 * attention
 
 
-def lora_flop_rate(args) -> dict:
-    """A LoRA step's arithmetic rate (FLOP counted from the shapes) as a fraction of the rate of a large
-    float32 matmul measured in the same run."""
-    cfg, model, batches = setting(["budget=r8"], args.batch_size, args.steps)
-    layers = adaptable_layers(model, cfg.model.target_modules)
-    ranks = allocate("uniform", layers, resolve_p_max(cfg.budget, layers))
-    lora = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora)
-    samples = {}
-    step = interleaved({"lora": lorambo_stepper(lora, cfg)}, batches, args.repeats, samples)["lora"]
-    flop = [encoder_step_flop(lora.base_model.model, b) for b in batches]
-    rates = [f / t for f, t in zip(flop * args.repeats, samples["lora"])]
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    runs = []
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b
-        runs.append(time.perf_counter() - start)
-    matmul = spread(runs)
-    matmul_rate = 2 * n**3 / matmul["median"]
-    lora_rate = statistics.median(rates)
-    return {"step": step, "flop_per_step_mean": statistics.mean(flop), "lora_flop_per_s": lora_rate,
-            "lora_flop_per_s_iqr": spread(rates)["iqr"], "matmul_2048": matmul, "matmul_flop_per_s": matmul_rate,
-            "fraction": lora_rate / matmul_rate}
+# --- issue 15: what a step costs, by precision and dropout masks; compiled steps; sweeps; the default run
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+              "aten::convolution", "aten::mkldnn_convolution", "aten::convolution_backward"}
+RNG_OPS = {"aten::bernoulli_", "aten::random_", "aten::uniform_", "aten::normal_", "aten::native_dropout"}
+
+
+def op_category(name: str, scopes: tuple[str, ...] = ()) -> str:
+    """matmul, rng (random number generation: dropout masks), optimizer (any op inside the optimizer's step or
+    zero_grad, and the _foreach_ kernels of gradient clipping) or other (elementwise, copies and casts, norms,
+    softmax, ...). `scopes`: the names of the op's enclosing profiler ranges."""
+    if any(scope.startswith("Optimizer.") for scope in scopes) or name.startswith("aten::_foreach_"):
+        return "optimizer"
+    if name in MATMUL_OPS:
+        return "matmul"
+    if name in RNG_OPS:
+        return "rng"
+    return "other"
+
+
+def profile_split(step, batches) -> dict:
+    """Share of the step's self CPU time by op category (op_category), and the top operators, over `batches`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches:
+            step(batch)
+    split, by_op = dict.fromkeys(("matmul", "rng", "optimizer", "other"), 0.0), {}
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        scopes, parent = [], event.cpu_parent
+        while parent is not None:
+            scopes.append(parent.name)
+            parent = parent.cpu_parent
+        split[op_category(event.name, tuple(scopes))] += event.self_cpu_time_total
+        by_op[event.name] = by_op.get(event.name, 0.0) + event.self_cpu_time_total
+    total = sum(split.values())
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:6]
+    return {"percent": {k: 100 * v / total for k, v in split.items()},
+            "top": [(name, 100 * t / total) for name, t in top], "ms_per_step": total / 1000 / len(batches)}
+
+
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every frozen Linear of the base model (LoRA's own factors left out)."""
+    return [(m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+
+
+def reference_matmuls(shapes, tokens: int, dtype):
+    """A stepper doing the forward matmuls of `shapes` for `tokens` tokens in `dtype` (the model's own shapes,
+    in the precision in use), and its FLOP per call: the reference rate a step's rate is read against."""
+    torch.manual_seed(0)
+    pairs = [(torch.randn(tokens, i, dtype=dtype), torch.randn(i, o, dtype=dtype)) for i, o in shapes]
+
+    def step(_batch):
+        for x, w in pairs:
+            x @ w
+    return step, 2.0 * tokens * sum(i * o for i, o in shapes)
+
+
+BEFORE = ["train.mixed_precision=no", "train.dropout_masks=torch", "lora.dropout=0.05"]  # before issue 15
+STEP_VARIANTS = {  # name: overrides; the first is the step before issue 15, the others are read against it
+    "before: fp32, torch masks, lora.dropout 0.05": BEFORE,
+    "fp32, packed masks, lora.dropout 0.05": ["train.mixed_precision=no", "lora.dropout=0.05"],
+    "bf16, torch masks, lora.dropout 0.05": ["train.mixed_precision=bf16", "train.dropout_masks=torch",
+                                             "lora.dropout=0.05"],
+    "bf16, packed masks, lora.dropout 0.05": ["train.mixed_precision=bf16", "lora.dropout=0.05"],
+    "default: bf16, packed masks, lora.dropout 0": ["train.mixed_precision=bf16"],
+}
+DEFAULT_VARIANT = "default: bf16, packed masks, lora.dropout 0"
+
+
+def step_speed(args) -> dict:
+    """MiniLM LoRA r8 on the offline default's batches (16 x up to 64 tokens): each STEP_VARIANTS step and the
+    reference matmuls of both precisions, interleaved; each variant's speed-up over the first (paired by
+    round), each step's FLOP rate over its precision's reference, and the profile split of the first and of
+    the default."""
+    base_cfg, model, batches = setting(["budget=r8"], 16, args.steps)
+    layers = adaptable_layers(model, base_cfg.model.target_modules)
+    ranks = allocate("uniform", layers, resolve_p_max(base_cfg.budget, layers))
+    steppers, precisions = {}, {}
+    for name, overrides in STEP_VARIANTS.items():
+        cfg = compose_config(["logger=none", "budget=r8", *overrides])
+        lora = wrap_lora(copy.deepcopy(model), ranks, cfg.model.head_modules, cfg.lora)
+        steppers[name], precisions[name] = lorambo_stepper(lora, cfg), cfg.train.mixed_precision
+    tokens = int(statistics.median(b["input_ids"].numel() for b in batches))
+    references, ref_flop = {}, 0.0
+    for precision, dtype in (("no", torch.float32), ("bf16", torch.bfloat16)):
+        references[f"matmul_{precision}"], ref_flop = reference_matmuls(linear_shapes(model), tokens, dtype)
+    rounds = {}
+    times = interleaved({**steppers, **references}, batches, args.repeats, rounds_out=rounds)
+    first = next(iter(STEP_VARIANTS))
+    flop = statistics.mean(encoder_step_flop(model, b) for b in batches)
+    out = {"tokens_per_batch_median": tokens, "flop_per_step": flop, "reference_flop": ref_flop, "variants": {}}
+    for name in STEP_VARIANTS:
+        ref = f"matmul_{precisions[name]}"
+        out["variants"][name] = {
+            **times[name], "speedup_vs_first": paired_ratio(rounds[first], rounds[name]),
+            "fraction_of_reference": spread([(flop / statistics.median(a)) / (ref_flop / statistics.median(b))
+                                             for a, b in zip(rounds[name], rounds[ref])]),
+        }
+    for precision in ("no", "bf16"):
+        ref = times[f"matmul_{precision}"]
+        out[f"reference_{precision}"] = {**ref, "flop_per_s": ref_flop / ref["median"]}
+    out["profile"] = {name: profile_split(steppers[name], batches) for name in (first, DEFAULT_VARIANT)}
+    return out
+
+
+COMPILE_FAMILIES = {  # family: (overrides, max_length) (MiniLM pretrained; causal LM and vision: the tiny configs)
+    "encoder (minilm)": (["budget=r8"], 64),
+    "causal_lm (tiny_gpt2)": (["model=tiny_gpt2", "task=wiki_summaries", "budget=r8"], 64),
+    "vision (tiny_resnet)": (["model=tiny_resnet", "task=fashion_mnist", "budget=r8"], None),
+}
+TYPICAL_RUN_STEPS = 528  # the offline default's epoch
+
+
+def compiled_vs_eager(args) -> dict:
+    """Per model family: torch.compile (inductor, through train.compile) against the eager step at the default
+    precision: the compile seconds (the first pass over the batches, each new shape compiling, less that pass
+    at the compiled speed), the per-step ratio after it, and the steps a run needs before compiling pays."""
+    out = {}
+    for family, (overrides, max_length) in COMPILE_FAMILIES.items():
+        base_cfg, model, batches = setting(overrides, 16, args.steps, max_length)
+        layers = adaptable_layers(model, base_cfg.model.target_modules)
+        ranks = allocate("uniform", layers, resolve_p_max(base_cfg.budget, layers))
+        steppers = {}
+        for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
+            cfg = compose_config(["logger=none", *overrides, *extra])
+            steppers[name] = lorambo_stepper(wrap_lora(copy.deepcopy(model), ranks, cfg.model.head_modules,
+                                                       cfg.lora), cfg)
+        first_pass = {}
+        for name, step in steppers.items():
+            start = time.perf_counter()
+            for batch in batches:
+                step(batch)
+            first_pass[name] = time.perf_counter() - start
+        times = interleaved({"compiled": steppers["compiled"], "eager": steppers["eager"]}, batches,
+                            args.repeats)
+        compile_seconds = first_pass["compiled"] - len(batches) * times["compiled"]["median"]
+        saved = times["eager"]["median"] - times["compiled"]["median"]
+        out[family] = {**times, "compile_seconds": compile_seconds,
+                       "break_even_steps": compile_seconds / saved if saved > 0 else None,
+                       "typical_run_ratio": (compile_seconds + TYPICAL_RUN_STEPS * times["compiled"]["median"])
+                       / (TYPICAL_RUN_STEPS * times["eager"]["median"])}
+    return out
+
+
+
+
+def timed_command(args: list[str], cwd: str) -> float:
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "lorambo-run")
+    start = time.perf_counter()
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lorambo-run {' '.join(args)} failed: {proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def sweep_cells_per_hour(args) -> dict:
+    """`experiment=table1_cpu` narrowed to one seed (8 cells), as whole commands: the settings before issue 15
+    run one cell after another, today's defaults one after another, and today's defaults side by side
+    (hydra/launcher=parallel)."""
+    import tempfile
+
+    from lorambo.config import preset_cells
+
+    cells = len(preset_cells("table1_cpu", ["seed=0"]))
+    runs = {"before_sequential": BEFORE, "now_sequential": [], "now_side_by_side": ["hydra/launcher=parallel"]}
+    out = {"cells": cells}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in runs.items():
+            seconds = timed_command(["experiment=table1_cpu", "seed=0", *extra, f"hydra.sweep.dir={tmp}/{name}"],
+                                    tmp)
+            out[name] = {"seconds": seconds, "cells_per_hour": cells * 3600 / seconds}
+    for name in ("now_sequential", "now_side_by_side"):
+        out[name]["ratio_vs_before"] = out[name]["cells_per_hour"] / out["before_sequential"]["cells_per_hour"]
+    return out
+
+
+def offline_default_wall(args) -> dict:
+    """The offline default run (`lorambo-run`, as `make demo` runs it) as a whole command: with the settings
+    before issue 15 and with today's defaults, one after the other, with each one's accuracy."""
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("before", BEFORE), ("now", [])):
+            seconds = timed_command([*extra, f"hydra.run.dir={tmp}/{name}"], tmp)
+            with open(os.path.join(tmp, name, "metrics.json")) as f:
+                out[name] = {"seconds": seconds, "accuracy": json.load(f)["accuracy"]}
+    out["ratio"] = out["now"]["seconds"] / out["before"]["seconds"]
+    return out
 
 
 PARTS = {
@@ -381,7 +574,10 @@ PARTS = {
     "sensitivity": sensitivity_share,
     "allocation": allocation_time,
     "full_ft": full_ft_optimizers,
-    "flop_rate": lora_flop_rate,
+    "step_speed": step_speed,
+    "compile": compiled_vs_eager,
+    "sweep": sweep_cells_per_hour,
+    "offline_default": offline_default_wall,
 }
 
 
@@ -416,10 +612,32 @@ def table_rows(r: dict) -> list[tuple[str, float, float | None, str]]:
         for name, label in (("adamw", "AdamW"), ("galore", "GaLore r=4"), ("adarankgrad", "AdaRankGrad")):
             rows.append((f"optimizer state MiB: {label}", f[name]["state_bytes"] / 2**20, None, ""))
         rows.append(("AdaRankGrad average effective rank", f["adarankgrad"]["average_effective_rank"], None, ""))
-    if "flop_rate" in r:
-        x = r["flop_rate"]
-        rows.append(("LoRA step FLOP rate / 2048^2 matmul rate", x["fraction"],
-                     x["fraction"] * x["lora_flop_per_s_iqr"] / x["lora_flop_per_s"], ""))
+    if "step_speed" in r:
+        x = r["step_speed"]
+        for name, v in x["variants"].items():
+            rows.append((f"MiniLM step speed-up over before: {name}", v["speedup_vs_first"]["median"],
+                         v["speedup_vs_first"]["iqr"], ">= 2" if name == DEFAULT_VARIANT else ""))
+        for name, v in x["variants"].items():
+            rows.append((f"step FLOP rate / its precision's matmul rate: {name}", v["fraction_of_reference"]["median"],
+                         v["fraction_of_reference"]["iqr"], ""))
+        for name, prof in x["profile"].items():
+            rows.append((f"{name}: % matmul / rng / optimizer / other",
+                         prof["percent"]["matmul"], None, " / ".join(f"{prof['percent'][k]:.0f}" for k in
+                                                                    ("matmul", "rng", "optimizer", "other"))))
+    if "compile" in r:
+        for family, v in r["compile"].items():
+            rows.append((f"compiled / eager step, {family}", v["ratio"]["median"], v["ratio"]["iqr"], ""))
+            rows.append((f"compile s, {family} (a {TYPICAL_RUN_STEPS}-step run: x{v['typical_run_ratio']:.2f})",
+                         v["compile_seconds"], None, ""))
+    if "sweep" in r:
+        x = r["sweep"]
+        for name in ("now_sequential", "now_side_by_side"):
+            rows.append((f"table1_cpu one seed, cells/hour {name} / before", x[name]["ratio_vs_before"], None,
+                         ">= 1.5" if name == "now_side_by_side" else ""))
+    if "offline_default" in r:
+        x = r["offline_default"]
+        rows.append((f"offline default wall, now / before ({x['now']['seconds']:.0f} s / {x['before']['seconds']:.0f} s)",
+                     x["ratio"], None, "<= 0.5"))
     return rows
 
 
@@ -448,16 +666,22 @@ def main():
         start = time.perf_counter()
         result[part] = PARTS[part](args)
         print(f"# {part}: {time.perf_counter() - start:.0f} s", flush=True)
+        if args.json:  # after every part: a later part that fails loses only itself
+            write_json(args.json, result)
 
     print(f"{'measure':58} {'median':>10} {'IQR':>8}  goal")
     for name, value, iqr, goal in table_rows(result):
         print(f"{name:58} {value:10.3f} {'' if iqr is None else f'{iqr:8.3f}':>8}  {goal}")
-    text = json.dumps(result, default=float)
-    print(text)
+    print(json.dumps(result, default=float))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_json(args.json, result)
+
+
+def write_json(path: str, result: dict) -> None:
+    from lorambo.results import write_text_atomic
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, json.dumps(result, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,21 @@
 in, and how many threads torch may use."""
 
 import os
+from contextlib import contextmanager
 
 import torch
 
 
 def make_accelerator(cfg):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration
 
     set_threads(cfg.train.get("threads"))
+    # accelerate keeps one state per process and refuses a second precision: a process that runs several cells
+    # (a parallel sweep's reused workers, the tests) starts each run from a clean state, process group kept
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -77,3 +83,27 @@ def set_threads(threads: int | None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def unwrap(accelerator, model, keep_autocast: bool = True):
+    """The model itself, without DDP's or torch.compile's wrapper: the module whose parameters and names a
+    method reads and changes (a compiled wrapper keeps calling this same module, and recompiles when a method
+    changes its shapes). keep_autocast=False also takes accelerate's autocast off its forward, for good (to
+    prepare it again: preparing a patched forward would keep the patch as the "original")."""
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=keep_autocast, keep_torch_compile=False)
+
+
+@contextmanager
+def float32_forward(accelerator, model):
+    """The bare model with accelerate's autocast taken off its forward for the duration (accelerate patches
+    the prepared model's forward and keeps the original in `_original_forward`; an outer autocast(enabled=False)
+    cannot undo an autocast inside the forward)."""
+    bare = unwrap(accelerator, model)
+    patched, original = bare.__dict__.get("forward"), bare.__dict__.get("_original_forward")
+    if patched is not None and original is not None:
+        bare.forward = original
+    try:
+        yield bare
+    finally:
+        if patched is not None and original is not None:
+            bare.forward = patched

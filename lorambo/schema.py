@@ -33,6 +33,16 @@ class Train(Section):
     dropout_masks: Literal["packed", "torch"] = "torch"
     compile: bool = False
     compile_backend: str = "inductor"
+
+    @model_validator(mode="after")
+    def known_backend(self):
+        if self.compile:
+            import torch._dynamo
+
+            if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ValueError(f"train.compile_backend={self.compile_backend} is not a torch.compile backend; "
+                                 f"choose one of: {', '.join(sorted(torch._dynamo.list_backends()))}")
+        return self
     log_every: int = Field(ge=1)
     eval_every: int = Field(ge=0)
     checkpoint_every: int = Field(ge=0)
@@ -120,7 +130,7 @@ def one_line(error: ValidationError, data: dict, prefix: str = "") -> str:
             f"known keys: {', '.join(sorted(known))}"
         return f"unknown key {key}; {hint}"
     message = first["msg"].removeprefix("Value error, ")
-    if not first["loc"]:  # a rule over several keys
+    if not first["loc"] or isinstance(first.get("input"), dict):  # a rule over several keys: its own words
         return message
     return f"{key}={first.get('input')!r}: {message[:1].lower() + message[1:]}"
 

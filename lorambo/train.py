@@ -18,7 +18,7 @@ from lorambo import checkpoint
 from lorambo.allocation import choose_ranks
 from lorambo.budget import budget_label, resolve_p_max
 from lorambo.data import data_loaders, load_task
-from lorambo.devices import make_accelerator
+from lorambo.devices import make_accelerator, unwrap
 from lorambo.dropout import use_mask_dropout
 from lorambo.errors import LoramboError
 from lorambo.evaluation import evaluate_all, loss_and_logits, reported_metrics
@@ -93,7 +93,7 @@ def run(cfg, run_dir: str) -> dict:
                   steps, allocation, resolved, run_dir)
 
     # --- finish, evaluate, count, save
-    unwrapped, trainable = accelerator.unwrap_model(model), [p for p in model.parameters() if p.requires_grad]
+    unwrapped, trainable = unwrap(accelerator, model), [p for p in model.parameters() if p.requires_grad]
     outcome = method.finish(unwrapped, progress.step)  # before evaluating: a method may cut its adapter
     t_eval = time.perf_counter()
     results = evaluate_all(model, eval_loaders, cfg.task, accelerator)
@@ -158,7 +158,7 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
             for batch in loader:
                 p.batch_in_epoch += 1
                 t_step = time.perf_counter()
-                with method.measuring(p.step + 1, accelerator.unwrap_model(model)):
+                with method.measuring(p.step + 1, unwrap(accelerator, model)):
                     loss = train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, p.step + 1,
                                       trainable)
                 p.interval_loss = p.interval_loss + loss.detach()  # stays on device: no host sync per step
@@ -166,10 +166,10 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
                 if not accelerator.sync_gradients:
                     continue
                 p.step += 1
-                if method.after_step(p.step, accelerator.unwrap_model(model), optimizer, accelerator):
+                if method.after_step(p.step, unwrap(accelerator, model), optimizer, accelerator):
                     trainable = [q for q in model.parameters() if q.requires_grad]
                     if accelerator.num_processes > 1:  # DDP's buckets hold the old tensors: wrap anew
-                        model = accelerator.prepare_model(accelerator.unwrap_model(model))
+                        model = accelerator.prepare_model(unwrap(accelerator, model, keep_autocast=False))
                 p.step_times.append(time.perf_counter() - t_step)
                 bar.update(1)
                 if p.step % cfg.train.log_every == 0 or p.step == steps:
@@ -182,7 +182,7 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
                     state = {**asdict(p), "interval_loss": float(p.interval_loss),
                              "train_seconds": p.train_seconds + time.perf_counter() - t_train}
                     checkpoint.save(run_dir, {
-                        "step": p.step, "progress": state, "method": method.state(accelerator.unwrap_model(model)),
+                        "step": p.step, "progress": state, "method": method.state(unwrap(accelerator, model)),
                         "allocation": {**allocation, "stats": {k: v for k, v in allocation["stats"].items()
                                                                if k.endswith("_raw")}},
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},

@@ -65,3 +65,38 @@ def test_unknown_part_is_a_one_line_error():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--only", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown part nope" in proc.stderr
+
+
+def test_profile_split_finds_the_dropout_masks_and_sums_to_all_of_the_step(harness):
+    """The split the harness reports: random number generation is there when a step draws dropout masks (torch's
+    or the packed ones) and absent when it draws none, and the categories add up to the whole step."""
+    from lorambo.dropout import use_mask_dropout
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Dropout(0.1), torch.nn.GELU(), torch.nn.Linear(256, 2))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)  # on CPU: the per-tensor loop, no _foreach_
+
+    def step(x):
+        net(x).sum().backward()
+        torch.nn.utils.clip_grad_norm_(list(net.parameters()), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    batches = [torch.randn(512, 64) for _ in range(3)]
+    shares = {}
+    for name in ("torch", "packed", "none"):
+        if name == "packed":
+            use_mask_dropout(net)
+        net.train(name != "none")
+        split = harness.profile_split(step, batches)["percent"]
+        assert sum(split.values()) == pytest.approx(100)
+        shares[name] = split
+    assert shares["torch"]["rng"] > 0 and shares["packed"]["rng"] > 0 and shares["none"]["rng"] == 0
+    assert all(s["matmul"] > 0 and s["optimizer"] > 0 for s in shares.values())
+    assert harness.op_category("aten::bernoulli_") == "rng" and harness.op_category("aten::addmm") == "matmul"
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios(harness):
+    a = [[2.0, 2.2], [4.0, 4.0], [3.0, 3.0]]  # the machine slowed in round 2 for both
+    b = [[1.0, 1.1], [2.0, 2.0], [1.0, 1.0]]
+    assert harness.paired_ratio(a, b)["median"] == pytest.approx(2.0)
