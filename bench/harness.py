@@ -30,7 +30,7 @@ from lorambo.allocators import allocate
 from lorambo.budget import LayerSpec, resolve_p_max
 from lorambo.config import compose_config
 from lorambo.data import load_task
-from lorambo.devices import resolve_mixed_precision
+from lorambo.devices import prepare, resolve_mixed_precision
 from lorambo.dropout import use_mask_dropout
 from lorambo.evaluation import evaluate, loss_and_logits
 from lorambo.methods import build_method
@@ -123,7 +123,7 @@ def lorambo_stepper(model, cfg):
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=True,
                               dynamo_backend=cfg.train.compile_backend if cfg.train.compile else None)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(accelerator, model, optimizer, scheduler)
     model.train()
     method = build_method(cfg, [], 10**6, "", False)  # the configured method's hooks (LoRA: none in a step)
     return lambda batch: train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, 1, trainable)
@@ -474,7 +474,7 @@ def step_speed(args) -> dict:
     for precision in ("no", "bf16"):
         ref = times[f"matmul_{precision}"]
         out[f"reference_{precision}"] = {**ref, "flop_per_s": ref_flop / ref["median"]}
-    out["profile"] = {name: profile_split(steppers[name], batches) for name in (first, DEFAULT_VARIANT)}
+    out["profile"] = {name: profile_split(steppers[name], batches) for name in STEP_VARIANTS}  # after each change
     return out
 
 
@@ -636,8 +636,8 @@ def table_rows(r: dict) -> list[tuple[str, float, float | None, str]]:
                          ">= 1.5" if name == "now_side_by_side" else ""))
     if "offline_default" in r:
         x = r["offline_default"]
-        rows.append((f"offline default wall, now / before ({x['now']['seconds']:.0f} s / {x['before']['seconds']:.0f} s)",
-                     x["ratio"], None, "<= 0.5"))
+        seconds = f"{x['now']['seconds']:.0f} s / {x['before']['seconds']:.0f} s"
+        rows.append((f"offline default wall, now / before ({seconds})", x["ratio"], None, "<= 0.5"))
     return rows
 
 

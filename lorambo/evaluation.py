@@ -37,16 +37,13 @@ def evaluate(model, loader, task_cfg, accelerator) -> dict[str, float]:
 
 
 def evaluate_all(model, eval_loaders, task_cfg, accelerator) -> dict[str, float]:
-    """One split: plain metric names; several (MNLI): `accuracy_matched`, `accuracy_mismatched`. Always in
-    float32 on the bare model, whatever the training precision: the metric is the saved adapter's, as
+    """One split: plain metric names; several (MNLI): `accuracy_matched`, `accuracy_mismatched`. In float32
+    whatever the training precision (only train_step autocasts): the metric is the saved adapter's, as
     `PeftModel.from_pretrained` reloads it."""
-    from lorambo.devices import float32_forward
-
     results = {}
-    with float32_forward(accelerator, model) as bare:
-        for split, loader in eval_loaders.items():
-            for key, value in evaluate(bare, loader, task_cfg, accelerator).items():
-                results[key if len(eval_loaders) == 1 else f"{key}_{split}"] = value
+    for split, loader in eval_loaders.items():
+        for key, value in evaluate(model, loader, task_cfg, accelerator).items():
+            results[key if len(eval_loaders) == 1 else f"{key}_{split}"] = value
     return results
 
 

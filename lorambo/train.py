@@ -18,7 +18,7 @@ from lorambo import checkpoint
 from lorambo.allocation import choose_ranks
 from lorambo.budget import budget_label, resolve_p_max
 from lorambo.data import data_loaders, load_task
-from lorambo.devices import make_accelerator, unwrap
+from lorambo.devices import make_accelerator, prepare, unwrap
 from lorambo.dropout import use_mask_dropout
 from lorambo.errors import LoramboError
 from lorambo.evaluation import evaluate_all, loss_and_logits, reported_metrics
@@ -78,7 +78,7 @@ def run(cfg, run_dir: str) -> dict:
     # written for one process), so the schedule is laid out in those units, as Hugging Face's own scripts do
     n = accelerator.num_processes
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps) * n, steps * n)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    model, optimizer, train_loader, scheduler = prepare(accelerator, model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
     progress = Progress(**(checkpoint.continue_from(resumed, resumed_rng, optimizer, scheduler, run_dir, main)
                            if resumed else {}))
@@ -158,9 +158,9 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
             for batch in loader:
                 p.batch_in_epoch += 1
                 t_step = time.perf_counter()
-                with method.measuring(p.step + 1, unwrap(accelerator, model)):
-                    loss = train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, p.step + 1,
-                                      trainable)
+                with method.measuring(p.step + 1, unwrap(accelerator, model)) as hooks:  # hooks: run uncompiled
+                    loss = train_step(model if hooks is None else getattr(model, "_orig_mod", model), batch,
+                                      optimizer, scheduler, accelerator, cfg, method, p.step + 1, trainable)
                 p.interval_loss = p.interval_loss + loss.detach()  # stays on device: no host sync per step
                 p.interval_batches += 1
                 if not accelerator.sync_gradients:
@@ -169,7 +169,7 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
                 if method.after_step(p.step, unwrap(accelerator, model), optimizer, accelerator):
                     trainable = [q for q in model.parameters() if q.requires_grad]
                     if accelerator.num_processes > 1:  # DDP's buckets hold the old tensors: wrap anew
-                        model = accelerator.prepare_model(unwrap(accelerator, model, keep_autocast=False))
+                        model = prepare(accelerator, unwrap(accelerator, model))
                 p.step_times.append(time.perf_counter() - t_step)
                 bar.update(1)
                 if p.step % cfg.train.log_every == 0 or p.step == steps:
@@ -199,10 +199,11 @@ def train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, ste
     """One micro-batch: forward (plus the method's loss term), backward, and when gradients are in sync, clip,
     step, the method's after-optimizer-step hook (AdaLoRA's budget update), zero."""
     with accelerator.accumulate(model):
-        loss, _ = loss_and_logits(model, batch, cfg.task.type)
-        extra = method.loss_term()
-        if extra is not None:
-            loss = loss + extra
+        with accelerator.autocast():  # train.mixed_precision: the forward only, as torch's AMP recipe has it
+            loss, _ = loss_and_logits(model, batch, cfg.task.type)
+            extra = method.loss_term()
+            if extra is not None:
+                loss = loss + extra
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.train.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
