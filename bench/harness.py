@@ -119,7 +119,8 @@ def lorambo_stepper(model, cfg):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10**6)
-    # one accelerate state per process: each stepper's precision is fixed in its prepared model's forward
+    # accelerate keeps one state per process: accelerator.autocast() reads the precision of the last accelerator
+    # made, so a process may mix float32 steppers (no autocast at all) with steppers of one other precision
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision), cpu=True,
                               dynamo_backend=cfg.train.compile_backend if cfg.train.compile else None)
