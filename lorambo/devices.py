@@ -46,7 +46,7 @@ def resolve_mixed_precision(setting: str) -> str:
     """auto: bf16 autocast where the hardware has bf16 arithmetic (a GPU that supports it, or a CPU with AMX or
     AVX-512 BF16; measured on the offline default in docs/results.md: faster at the same accuracy), else
     float32. Weights, adapter and optimizer state stay float32 either way: autocast only runs the matmuls of
-    the training and evaluation forward (and their backward) in bf16."""
+    the training step's forward (and so its backward) in bf16; evaluation is float32 (see `prepare`)."""
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
