@@ -421,7 +421,8 @@ def linear_shapes(model) -> list[tuple[int, int]]:
 
 def reference_matmuls(shapes, tokens: int, dtype):
     """A stepper doing the forward matmuls of `shapes` for `tokens` tokens in `dtype` (the model's own shapes,
-    in the precision in use), and its FLOP per call: the reference rate a step's rate is read against."""
+    in the precision in use), and its FLOP per call (2 x tokens x in x out, summed): the reference rate a
+    step's rate is read against."""
     torch.manual_seed(0)
     pairs = [(torch.randn(tokens, i, dtype=dtype), torch.randn(i, o, dtype=dtype)) for i, o in shapes]
 
@@ -457,9 +458,10 @@ def step_speed(args) -> dict:
         lora = wrap_lora(copy.deepcopy(model), ranks, cfg.model.head_modules, cfg.lora)
         steppers[name], precisions[name] = lorambo_stepper(lora, cfg), cfg.train.mixed_precision
     tokens = int(statistics.median(b["input_ids"].numel() for b in batches))
-    references, ref_flop = {}, 0.0
-    for precision, dtype in (("no", torch.float32), ("bf16", torch.bfloat16)):
-        references[f"matmul_{precision}"], ref_flop = reference_matmuls(linear_shapes(model), tokens, dtype)
+    shapes = linear_shapes(model)
+    references = {f"matmul_{precision}": reference_matmuls(shapes, tokens, dtype)[0]
+                  for precision, dtype in (("no", torch.float32), ("bf16", torch.bfloat16))}
+    ref_flop = 2.0 * tokens * sum(i * o for i, o in shapes)
     rounds = {}
     times = interleaved({**steppers, **references}, batches, args.repeats, rounds_out=rounds)
     first = next(iter(STEP_VARIANTS))

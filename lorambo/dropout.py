@@ -8,6 +8,8 @@ cheaper mask. The keep probability is 1 - p rounded to a multiple of 1/32768 (p 
 kept values are scaled by 1 / (1 - that p), so the layer is unbiased as nn.Dropout is. The masks come from
 torch's default generator, so `set_seed` and the checkpoints' RNG state reproduce them."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,9 +19,7 @@ LANES = 1 << 15  # each 15-bit lane is uniform on {0, ..., LANES - 1}
 def keep_mask(shape, p: float, device, dtype) -> torch.Tensor:
     """A mask of `shape` whose entries are 1 / (1 - p') with probability 1 - p' and 0 otherwise, where p' is p
     rounded to a multiple of 1 / 2**15 (`drop_rate`)."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
     lanes = words.view(torch.int16)[:n].view(shape) & (LANES - 1)  # the sign lane bit is dropped: 15 bits each
     threshold = round(p * LANES)
