@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from lorambo.allocators import allocate, allocator_parameters, import_allocators, required_stats
+from lorambo.allocators import allocate, allocator_parameters, import_allocators, initialises, required_stats
 from lorambo.allocators.greedy import left_out
+from lorambo.allocators.uniform import uniform_rank
 from lorambo.budget import allocation_cost
 from lorambo.errors import LoramboError
 from lorambo.evaluation import loss_and_logits
@@ -37,13 +38,15 @@ def needed_statistics(cfg, method) -> set[str]:
     """What to estimate on the base model: the allocator's statistics (unless its ranks come from another run)
     and the method's own."""
     needed = set(method.required_stats())
-    if method.uses_allocator and not cfg.allocator.get("from_run"):
+    # reused ranks need no statistics, unless the allocator also starts the adapter from them (EVA, GoRA)
+    if method.uses_allocator and (not cfg.allocator.get("from_run") or initialises(cfg.allocator.name)):
         needed |= required_stats(cfg.allocator.name, **allocator_options(cfg.allocator, cfg.method))
     return needed
 
 
-def measure(required: set[str], cfg, model, layers, data, device, num_processes: int) -> dict:
-    """The statistics, on estimation batches, with the head optionally warmed up first (then restored)."""
+def measure(required: set[str], cfg, model, layers, data, device, num_processes: int, p_max: int) -> dict:
+    """The statistics, on estimation batches, with the head optionally warmed up first (then restored).
+    EVA's input directions: up to rho times the uniform rank at this budget (PEFT's cap rho * r)."""
     batches = estimation_batches(data, cfg, device, num_processes)
     model = model.to(device)
     output_fn = lambda m, b: loss_and_logits(m, b, cfg.task.type)
@@ -51,7 +54,8 @@ def measure(required: set[str], cfg, model, layers, data, device, num_processes:
     # from the untouched head all the same (every allocator trains from the same start)
     with warmed_up_head(model, head_parameters(model, cfg.model.head_modules), batches, output_fn,
                         cfg.sensitivity.head_warmup_steps, cfg.sensitivity.head_warmup_lr):
-        return estimate(required, model, layers, batches, output_fn, cfg.sensitivity, cfg.seed, cfg.task.type)
+        return estimate(required, model, layers, batches, output_fn, cfg.sensitivity, cfg.seed, cfg.task.type,
+                        components=max(1, round(cfg.sensitivity.eva_rho * uniform_rank(layers, p_max))))
 
 
 def choose_ranks(cfg, method, model, layers, p_max, data, accelerator, run_dir) -> dict:
@@ -62,7 +66,7 @@ def choose_ranks(cfg, method, model, layers, p_max, data, accelerator, run_dir) 
     start, stats = time.perf_counter(), {}
     required = needed_statistics(cfg, method)
     if required:
-        stats = measure(required, cfg, model, layers, data, accelerator.device, accelerator.num_processes)
+        stats = measure(required, cfg, model, layers, data, accelerator.device, accelerator.num_processes, p_max)
         if accelerator.is_main_process:
             write_json_atomic(os.path.join(run_dir, "sensitivities.json"), sensitivity_summary(stats))
     seconds = time.perf_counter() - start if required else 0.0

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorambo.budget import LayerSpec
+from lorambo.errors import LoramboError
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -298,22 +299,29 @@ def warmed_up_head(model, head: list[nn.Parameter], batches, output_fn, steps: i
 
 
 def estimate(required: set[str], model, layers, batches, output_fn, settings, seed: int = 0,
-             task_type: str = "classification") -> dict:
+             task_type: str = "classification", components: int = 1) -> dict:
     """Every statistic in `required`, each from the first `settings.<stat>_batches` batches. A scalar statistic
     gives `stats[name]` (floored positive, for allocators), `stats[name + "_raw"]` (the plain mean) and, under
     `stats["errors"][name]`, each layer's standard error over its samples and count of non-positive samples.
-    `output_fn(model, batch) -> (mean loss, logits)`."""
+    `output_fn(model, batch) -> (mean loss, logits)`; `components`: how many principal directions of each
+    layer's input explained_variance computes."""
     loss_fn = lambda m, b: output_fn(m, b)[0]
     was_training = model.training
     model.eval()  # no dropout: estimates of the function being adapted, not of a noisy copy
     stats, samples = {}, {}
     try:
-        if required & {"gradient", "update_spectra"}:
-            spectra = "update_spectra" in required
-            samples["gradient"], total = gradient_sensitivity(model, layers, batches[: settings.gradient_batches],
-                                                              loss_fn, spectra)
-            if spectra:
+        if required & {"gradient", "update_spectra", "mean_gradient", "gradient_saliency"}:
+            keep_sum = bool(required & {"update_spectra", "mean_gradient", "gradient_saliency"})
+            gradient_batches = batches[: settings.gradient_batches]
+            samples["gradient"], total = gradient_sensitivity(model, layers, gradient_batches, loss_fn, keep_sum)
+            if "update_spectra" in required:
                 stats["update_spectra"] = {n: torch.linalg.svdvals(g.double()).numpy() for n, g in total.items()}
+            if required & {"mean_gradient", "gradient_saliency"}:
+                stats["mean_gradient"] = {n: g / len(gradient_batches) for n, g in total.items()}
+                stats["gradient_saliency"] = gradient_saliency(model, stats["mean_gradient"])
+        if "explained_variance" in required:
+            stats["explained_variance"], stats["input_components"] = explained_variance(
+                model, layers, batches, components, settings.eva_tau, settings.eva_max_batches, task_type == "lm")
         if "hessian_trace" in required:
             samples["hessian_trace"] = hutchinson_trace(model, layers, batches[: settings.hessian_batches], loss_fn,
                                                         settings.hutchinson_probes, seed)
@@ -339,6 +347,57 @@ def estimate(required: set[str], model, layers, batches, output_fn, settings, se
     return stats
 
 
+def gradient_saliency(model, mean_gradients: dict[str, torch.Tensor]) -> dict[str, float]:
+    """GoRA's importance of a layer: mean_jk |W ⊙ G| with G the gradient averaged over the estimation batches."""
+    return {name: float((weight_matrix(model.get_submodule(name)).detach().double() * G.double()).abs().mean())
+            for name, G in mean_gradients.items()}
+
+
+@torch.no_grad()
+def explained_variance(model, layers, batches, components: int, tau: float, max_batches: int, lm: bool
+                       ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """EVA's statistic by PEFT's own code (get_eva_state_dict: incremental PCA of each layer's input tokens,
+    padding left out, until the leading directions stop moving, cosine >= tau): per layer, the explained variance
+    ratio of its first `components` directions and the directions themselves (rows, for A).
+    PEFT keeps the ratios inside its hooks, so the hooks are recorded as PEFT creates them."""
+    from peft import EvaConfig, LoraConfig
+    from peft.tuners.lora import eva as peft_eva
+    from transformers.pytorch_utils import Conv1D
+
+    convolutions = [l.name for l in layers if not isinstance(model.get_submodule(l.name), (nn.Linear, Conv1D))]
+    if convolutions:
+        raise LoramboError(f"allocator=eva: PEFT's EVA adapts only Linear layers and this model adapts "
+                           f"convolutions ({convolutions[0]}, ...); choose another allocator")
+    recorded = {}
+
+    class RecordedSVDHook(peft_eva.SVDHook):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            recorded[kwargs["name"]] = self
+
+    calls = [0]
+
+    def forward(m, batch):  # PEFT cycles the batches until convergence: bound it
+        calls[0] += 1
+        if calls[0] > max_batches:
+            raise LoramboError(f"allocator=eva: PEFT's SVD did not converge (cosine {tau}) in {max_batches} "
+                               f"batches; raise sensitivity.eva_max_batches or lower sensitivity.eva_tau")
+        return m(**batch)
+
+    config = LoraConfig(r=components, target_modules=[l.name for l in layers], init_lora_weights="eva",
+                        eva_config=EvaConfig(rho=1.0, tau=tau, use_label_mask=lm))
+    original, peft_eva.SVDHook = peft_eva.SVDHook, RecordedSVDHook
+    try:
+        state = peft_eva.get_eva_state_dict(model, batches, config, forward_fn=forward, show_progress_bar=False)
+    finally:
+        peft_eva.SVDHook = original
+    ratios = {}
+    for name, rows in state.items():  # layers fed the same input (query, key, value) share one hook
+        hook = next(h for h in recorded.values() if torch.equal(h.svd.components_[: len(rows)], rows))
+        ratios[name] = hook.svd.explained_variance_ratio_[: len(rows)].double().cpu().numpy()
+    return ratios, state
+
+
 def error_bars(samples: Samples) -> dict[str, dict]:
     """Per layer: the standard error of the mean over its samples (None with one sample), the number of
     samples, and how many came out <= 0."""
@@ -349,12 +408,17 @@ def error_bars(samples: Samples) -> dict[str, dict]:
     return out
 
 
+MATRICES = {"mean_gradient", "input_components"}  # per-layer matrices an initialisation reads: not summarised
+
+
 def summary(stats: dict) -> dict:
     """What goes to sensitivities.json: per-layer scalars (floored and raw), their error bars, and the leading
     singular values of each spectrum."""
     out = {}
     for key, values in stats.items():
-        if key.endswith("spectra"):
+        if key in MATRICES:
+            continue
+        if key.endswith("spectra") or key == "explained_variance":
             out[key] = {n: [float(x) for x in v[:16]] for n, v in values.items()}
         elif key == "errors":
             out[key] = values

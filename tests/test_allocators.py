@@ -21,6 +21,7 @@ OFFLINE = [
     ("hessian_offline", {"sensitivity": "hessian_opnorm"}),
     ("hessian_offline", {"variant": "knapsack"}),
     ("data_weighted", {}),
+    ("gora", {"max_rank_factor": 1000}),  # no cap below full rank: then the whole budget can be spent
 ]
 
 
@@ -32,7 +33,9 @@ def random_instance(rng, n_layers, max_dim=64):
              "update_spectra": {l.name: spectrum(l) for l in layers},
              "weighted_spectra": {l.name: spectrum(l) for l in layers},
              "gradient": positive(), "hessian_trace": positive(), "hessian_opnorm": positive(),
-             "fisher_trace": positive()}
+             "fisher_trace": positive(), "gradient_saliency": positive(),
+             "mean_gradient": {}}  # read only by GoRA's start
+    stats["explained_variance"] = {name: v ** 2 / (v ** 2).sum() for name, v in stats["weight_spectra"].items()}
     return layers, stats
 
 

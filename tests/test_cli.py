@@ -57,6 +57,8 @@ BAD_INPUTS = {
     "low-rank optimizer on an adapter": ([*SMOKE, "optimizer=galore"], "use method=full_ft"),
     "adalora on convolutions": ([*SMOKE, "model=tiny_resnet", "task=fashion_mnist", "method=adalora"],
                                 "adalora does not support convolutions"),
+    "eva on convolutions": ([*SMOKE, "model=tiny_resnet", "task=fashion_mnist", "allocator=eva"],
+                            "PEFT's EVA adapts only Linear layers"),
     "unknown optimizer": ([*SMOKE, "optimizer=sgd9"], "unknown optimizer 'sgd9'"),
     "NaN loss": ([*SMOKE, "train.lr=1e30", "train.warmup_ratio=0"], "loss became"),
 }

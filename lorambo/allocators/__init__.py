@@ -1,6 +1,8 @@
 """Rank allocators: each a small module with one pure function from layer specs and statistics to ranks,
 registered by name with the statistics it needs. `allocate(name, layers, p_max, stats, **options)` is the
-single entry point; `required_stats(name, **options)` says what to estimate first."""
+single entry point; `required_stats(name, **options)` says what to estimate first. An allocator that also
+chooses how its adapter starts (EVA, GoRA) registers `initialise(peft_model, stats, **options)`, which
+`initialise_adapter` calls right after wrapping."""
 
 import importlib
 import inspect
@@ -16,14 +18,16 @@ from lorambo.errors import LoramboError
 class Allocator:
     allocate: Callable[..., dict[str, int]]
     required_stats: Callable[..., set[str]]
+    initialise: Callable | None = None
 
 
 ALLOCATORS: dict[str, Allocator] = {}
 
 
-def register(name: str, required_stats: Callable[..., set[str]] = lambda **options: set()):
+def register(name: str, required_stats: Callable[..., set[str]] = lambda **options: set(),
+             initialise: Callable | None = None):
     def wrap(fn):
-        ALLOCATORS[name] = Allocator(fn, required_stats)
+        ALLOCATORS[name] = Allocator(fn, required_stats, initialise)
         return fn
 
     return wrap
@@ -46,7 +50,7 @@ def allocator_parameters(name: str) -> set[str]:
     """The options an allocator reads: its allocation and statistics functions' keyword parameters."""
     allocator = _get(name)
     names = set()
-    for fn in (allocator.allocate, allocator.required_stats):
+    for fn in (allocator.allocate, allocator.required_stats, allocator.initialise or (lambda: None)):
         names |= {p.name for p in list(inspect.signature(fn).parameters.values())
                   if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)}
     return names
@@ -54,6 +58,20 @@ def allocator_parameters(name: str) -> set[str]:
 
 def required_stats(name: str, **options) -> set[str]:
     return _get(name).required_stats(**options)
+
+
+def initialises(name: str) -> bool:
+    return _get(name).initialise is not None
+
+
+def initialise_adapter(name: str, peft_model, stats: dict, **options) -> bool:
+    """The allocator's own start for the adapter (True), or PEFT's default start left as it is (False)."""
+    allocator = _get(name)
+    if allocator.initialise is None:
+        return False
+    options = {k: v for k, v in options.items() if k in inspect.signature(allocator.initialise).parameters}
+    allocator.initialise(peft_model, stats, **options)
+    return True
 
 
 def allocate(name: str, layers: list[LayerSpec], p_max: int, stats: dict | None = None, **options) -> dict[str, int]:
