@@ -72,7 +72,7 @@ def test_adarankgrad_rows_set_optimizer_and_rank():
 
 def test_command_line_narrows_a_preset_axis():
     cells = preset_cells("budget_sweep", ["model=roberta", "task=qnli", "budget=r4,r8", "seed=0"])
-    assert len(cells) == 6 * 2 and axis(cells, "budget") == ["r4", "r8"] and axis(cells, "seed") == ["0"]
+    assert len(cells) == 8 * 2 and axis(cells, "budget") == ["r4", "r8"] and axis(cells, "seed") == ["0"]
 
 
 @pytest.mark.parametrize("preset,narrow,jobs", [("table1_cpu", ["seed=0", "task=wiki_pairs"], 4),
