@@ -15,9 +15,11 @@ from lorambo.errors import LoramboError
 
 
 def rank_pattern_key(module_name: str) -> str:
-    """PEFT matches rank_pattern keys as regexes against a dotted suffix, first match wins:
-    escape the full name so each key hits exactly one module."""
-    return rf"^{re.escape(module_name)}$"
+    """PEFT matches rank_pattern keys as regexes against a dotted suffix, first match wins: escape the full name
+    and anchor it so each key hits exactly one module (a stem `conv1` must not catch `layer1.0.conv1`). PEFT looks
+    a name up both as the base model names it and, in its EVA code, with the PeftModel's `base_model.model.`
+    prefix: the key takes either."""
+    return rf"^(base_model\.model\.)?{re.escape(module_name)}$"
 
 
 SCALINGS = ("matched", "per_layer", "rslora")
@@ -38,16 +40,16 @@ def lora_alphas(ranks: dict[str, int], alpha: float, scaling: str, uniform_rank:
     return {name: alpha * r / uniform_rank for name, r in ranks.items()}
 
 
-def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg, use_dora: bool = False,
-              uniform_rank: float | None = None) -> nn.Module:
-    """A PEFT LoRA model with exactly `ranks`, its alphas set by `lora_cfg.scaling` (`uniform_rank`: r_u of the
-    budget, needed by `matched`)."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(ranks: dict[str, int], head_modules, lora_cfg, use_dora: bool = False,
+                uniform_rank: float | None = None):
+    """PEFT's LoraConfig for exactly `ranks`: every layer's rank and alpha under anchored pattern keys, the alphas
+    set by `lora_cfg.scaling` (`uniform_rank`: r_u of the budget, needed by `matched`)."""
+    from peft import LoraConfig
 
     default_r = max(ranks.values())
     alphas = lora_alphas(ranks, lora_cfg.alpha, lora_cfg.scaling, uniform_rank or default_r)
     default_alpha = alphas[max(ranks, key=lambda n: ranks[n])]
-    config = LoraConfig(
+    return LoraConfig(
         r=default_r,
         lora_alpha=default_alpha,
         alpha_pattern={rank_pattern_key(name): a for name, a in alphas.items() if a != default_alpha},
@@ -60,6 +62,14 @@ def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg, u
         rank_pattern={rank_pattern_key(name): r for name, r in ranks.items() if r != default_r},
         modules_to_save=list(head_modules) or None,
     )
+
+
+def wrap_lora(model: nn.Module, ranks: dict[str, int], head_modules, lora_cfg, use_dora: bool = False,
+              uniform_rank: float | None = None) -> nn.Module:
+    """A PEFT LoRA model with exactly `ranks` (the config of `lora_config`)."""
+    from peft import get_peft_model
+
+    config = lora_config(ranks, head_modules, lora_cfg, use_dora, uniform_rank)
     peft_model = get_peft_model(model, config)
     got = adapter_ranks(peft_model)
     if got != ranks:  # PEFT's pattern matching must give every module exactly the rank asked for

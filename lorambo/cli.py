@@ -1,4 +1,5 @@
-"""`lorambo-run`: a thin @hydra.main shim around lorambo.train.run."""
+"""`lorambo-run` and `lorambo-allocate`: thin @hydra.main shims around lorambo.train.run and
+lorambo.allocate.write_allocation_for_peft."""
 
 import fcntl
 import os
@@ -62,7 +63,7 @@ def check_group_choices(argv: list[str]) -> None:
 
 # what a run writes as its outcome: cleared before a new run writes into the folder, so no stale result stays
 OUTCOME_FILES = ("metrics.json", "error.txt", "metrics_log.jsonl", "rank_history.jsonl", "allocation.json",
-                 "sensitivities.json", "labels.json")
+                 "sensitivities.json", "labels.json", "adapter_config.json")
 
 
 @contextmanager
@@ -98,8 +99,13 @@ def check_resume_alone(argv: list[str]) -> None:
                            f"drop it (or start a new run with it)")
 
 
+def program() -> str:
+    name = os.path.basename(sys.argv[0])
+    return name if name.startswith("lorambo-") else "lorambo-run"
+
+
 def fail(message: str) -> None:
-    print(f"lorambo-run: error: {message}", file=sys.stderr)
+    print(f"{program()}: error: {message}", file=sys.stderr)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -126,7 +132,7 @@ def _main(cfg: DictConfig) -> float | None:
             try:
                 metrics = run(cfg, run_dir)
             except (LoramboError, OmegaConfBaseException) as e:
-                message = str(e.__cause__ or e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
+                message = one_line(e)
                 write_text_atomic(os.path.join(run_dir, "error.txt"), message + "\n")
                 raise LoramboError(message) from None
             except Exception as e:  # a bug: reported with its traceback; the run folder says it failed
@@ -149,7 +155,35 @@ def _main(cfg: DictConfig) -> float | None:
     return metrics[main_metric]
 
 
-def main() -> None:
+def one_line(e: Exception) -> str:
+    return str(e.__cause__ or e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def _allocate_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    import datasets
+    import transformers
+
+    from lorambo.allocate import write_allocation_for_peft
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        with run_folder(out_dir, resuming=False):
+            allocation = write_allocation_for_peft(cfg, out_dir)
+    except (LoramboError, OmegaConfBaseException) as e:
+        fail(one_line(e))
+        _failures.append(out_dir)
+        return
+    print(f"adapter_params={allocation['adapter_params']:,} p_max={allocation['p_max']:,} "
+          f"layers={len(allocation['ranks'])}")
+    print(f"PEFT config: {os.path.join(out_dir, 'adapter_config.json')} (start: {allocation['peft_start']})")
+
+
+def entry(hydra_main) -> None:
     _failures.clear()
     try:
         check_group_choices(sys.argv[1:])
@@ -157,9 +191,17 @@ def main() -> None:
     except LoramboError as e:
         fail(str(e))
         sys.exit(2)
-    _main()
+    hydra_main()
     if _failures:
         sys.exit(1)
+
+
+def main() -> None:
+    entry(_main)
+
+
+def allocate_main() -> None:
+    entry(_allocate_main)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,16 @@ def run_cli(args, cwd, timeout=600, env=None):
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def run_main(args, cwd, monkeypatch, capfd):
-    """(exit code, stdout, stderr) of `lorambo-run ARGS` in `cwd`, through the function the script calls, in
-    this process (a subprocess per case costs seconds of interpreter and torch start-up)."""
-    from lorambo.cli import main
+def run_main(args, cwd, monkeypatch, capfd, program="lorambo-run"):
+    """(exit code, stdout, stderr) of `lorambo-run ARGS` (or `lorambo-allocate`) in `cwd`, through the function
+    the script calls, in this process (a subprocess per case costs seconds of interpreter and torch start-up)."""
+    from lorambo.cli import allocate_main, main
 
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["lorambo-run", *args])
+    monkeypatch.setattr(sys, "argv", [program, *args])
     code = 0
     try:
-        main()
+        {"lorambo-run": main, "lorambo-allocate": allocate_main}[program]()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     out, err = capfd.readouterr()

@@ -191,3 +191,59 @@ def test_eva_and_gora_run_on_every_family_within_budget_and_reload(allocator, fa
     reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))
     for key, value in evaluate_independently(cfg, reloaded).items():
         assert value == pytest.approx(metrics[key], rel=1e-4), key
+
+
+def allocate_cli(args, tmp_path, monkeypatch, capfd):
+    from tests.helpers import run_main
+
+    return run_main(args, tmp_path, monkeypatch, capfd, program="lorambo-allocate")
+
+
+@pytest.mark.parametrize("allocator,scaling", [("hessian_offline", "matched"), ("eva", "matched"),
+                                               ("gora", "per_layer")])
+def test_allocate_writes_a_peft_config_that_gives_every_layer_its_rank_and_scale(allocator, scaling, tmp_path,
+                                                                                monkeypatch, capfd):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from lorambo.adapters import adapter_ranks, effective_scalings
+
+    out = tmp_path / "allocation"
+    code, stdout, err = allocate_cli(["experiment=smoke", f"allocator={allocator}", f"lora.scaling={scaling}",
+                                      f"hydra.run.dir={out}"], tmp_path, monkeypatch, capfd)
+    assert code == 0, err[-2000:]
+    allocation = json.loads((out / "allocation.json").read_text())
+    assert not (out / "metrics.json").exists()  # nothing was trained
+    config = LoraConfig.from_pretrained(str(out))
+    base = AutoModelForSequenceClassification.from_pretrained(str(out / "base_model"))
+    layers = adaptable_layers(base, compose_cfg(["experiment=smoke"]).model.target_modules)
+    peft_model = get_peft_model(base, config)
+    ranks = allocation["ranks"]
+    assert adapter_ranks(peft_model) == ranks
+    assert allocation["adapter_params"] == allocation_cost(ranks, layers) <= allocation["p_max"]
+    alpha, r_u = 16.0, uniform_rank(layers, allocation["p_max"])  # lora.alpha's default
+    expected = {n: alpha / r_u if scaling == "matched" else alpha / r for n, r in ranks.items()}
+    assert effective_scalings(peft_model) == pytest.approx(expected, rel=1e-12)
+    # the same allocation a training run starts from
+    run = run_in_process(["experiment=smoke", f"allocator={allocator}", f"lora.scaling={scaling}",
+                          "train.max_steps=1"], tmp_path / "run")
+    assert run["ranks"] == ranks
+    if allocator == "eva":  # PEFT's own EVA start keeps every layer's rank (rho 1) and scale
+        from peft import initialize_lora_eva_weights
+
+        cfg = compose_cfg(["experiment=smoke"])
+        data = load_task(cfg.task, cfg.model, build_tokenizer(cfg.model))
+        initialize_lora_eva_weights(peft_model, estimation_batches(data, cfg, "cpu"), show_progress_bar=False)
+        assert adapter_ranks(peft_model) == ranks
+        assert effective_scalings(peft_model) == pytest.approx(expected, rel=1e-12)
+
+
+def test_allocate_refuses_a_method_whose_ranks_change_while_it_trains(tmp_path, monkeypatch, capfd):
+    code, _, err = allocate_cli(["experiment=smoke", "allocator=hessian_online", f"hydra.run.dir={tmp_path / 'a'}"],
+                                tmp_path, monkeypatch, capfd)
+    assert code != 0 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lorambo-allocate: error:")]
+    assert len(errors) == 1 and "sets its ranks while it trains" in errors[0]
+    assert not (tmp_path / "a" / "adapter_config.json").exists()

@@ -19,15 +19,16 @@ class Allocator:
     allocate: Callable[..., dict[str, int]]
     required_stats: Callable[..., set[str]]
     initialise: Callable | None = None
+    peft_start: Callable | None = None  # (LoraConfig, task_type) -> how it starts, set in the config if PEFT can
 
 
 ALLOCATORS: dict[str, Allocator] = {}
 
 
 def register(name: str, required_stats: Callable[..., set[str]] = lambda **options: set(),
-             initialise: Callable | None = None):
+             initialise: Callable | None = None, peft_start: Callable | None = None):
     def wrap(fn):
-        ALLOCATORS[name] = Allocator(fn, required_stats, initialise)
+        ALLOCATORS[name] = Allocator(fn, required_stats, initialise, peft_start)
         return fn
 
     return wrap
@@ -72,6 +73,14 @@ def initialise_adapter(name: str, peft_model, stats: dict, **options) -> bool:
     options = {k: v for k, v in options.items() if k in inspect.signature(allocator.initialise).parameters}
     allocator.initialise(peft_model, stats, **options)
     return True
+
+
+def peft_start(name: str, config, task_type: str) -> str:
+    """How an adapter built from this allocator's PEFT config starts (set in `config` where PEFT has the start)."""
+    allocator = _get(name)
+    if allocator.peft_start is None:
+        return "PEFT's default: A random, B zero (as lorambo trains it)"
+    return allocator.peft_start(config, task_type)
 
 
 def allocate(name: str, layers: list[LayerSpec], p_max: int, stats: dict | None = None, **options) -> dict[str, int]:

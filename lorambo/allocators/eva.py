@@ -19,7 +19,20 @@ def start_from_input_directions(peft_model, stats: dict) -> None:
         A.data.copy_(directions.reshape(A.shape).to(A.dtype))
 
 
-@register("eva", required_stats=lambda **_: {"explained_variance"}, initialise=start_from_input_directions)
+def eva_in_peft(config, task_type: str) -> str:
+    """PEFT's own EVA start at these ranks: rho 1 caps every layer at its rank and the rank budget is their sum,
+    so PEFT's redistribution gives each layer exactly its rank; the scales stay the allocation's."""
+    from peft import EvaConfig
+
+    config.init_lora_weights = "eva"
+    # PEFT's label mask is for token labels (a causal LM); a classifier's labels are one per example
+    config.eva_config = EvaConfig(rho=1.0, adjust_scaling_factors=False, use_label_mask=task_type == "lm")
+    return ("EVA: init_lora_weights='eva' with rho=1 (each layer keeps its rank); call "
+            "peft.initialize_lora_eva_weights(model, dataloader) after get_peft_model")
+
+
+@register("eva", required_stats=lambda **_: {"explained_variance"}, initialise=start_from_input_directions,
+          peft_start=eva_in_peft)
 def eva_ranks(layers, p_max, stats, **_) -> dict[str, int]:
     """Directions in decreasing explained-variance ratio over every layer; one whose layer no longer fits in
     the budget is passed over (a cheaper layer's may still fit), and a layer's k-th direction only after its

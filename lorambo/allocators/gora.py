@@ -40,7 +40,13 @@ def start_from_gradient(peft_model, stats: dict, init_step: float = 1e-3) -> Non
         weight.data.copy_(B.reshape(weight.shape))
 
 
-@register("gora", required_stats=lambda **_: {"gradient_saliency", "mean_gradient"}, initialise=start_from_gradient)
+def gora_in_peft(config, task_type: str) -> str:
+    return ("GoRA's ranks only: PEFT has no start from a gradient step, so this config starts as PEFT's default "
+            "(A random, B zero); lorambo-run starts B from the measured gradient")
+
+
+@register("gora", required_stats=lambda **_: {"gradient_saliency", "mean_gradient"}, initialise=start_from_gradient,
+          peft_start=gora_in_peft)
 def gora_ranks(layers, p_max, stats, min_rank: int = 1, max_rank_factor: float = 4.0, **_) -> dict[str, int]:
     importance = stats["gradient_saliency"]
     total = sum(importance[layer.name] for layer in layers)

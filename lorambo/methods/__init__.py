@@ -129,6 +129,11 @@ class Method:
     def wrap(self, model, p_max, ranks, stats):
         raise NotImplementedError
 
+    def adapter_config(self, p_max, ranks):
+        """The PEFT config of an adapter at `ranks` (lorambo-allocate writes it), or None for a method whose
+        ranks are not fixed before training."""
+        return None
+
     def param_groups(self, model) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 

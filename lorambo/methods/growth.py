@@ -190,6 +190,9 @@ class Growth(Lora):
     def required_stats(self) -> set[str]:
         return {self.opts.curvature}
 
+    def adapter_config(self, p_max, ranks):
+        return None  # its ranks grow while it trains
+
     def wrap(self, model, p_max, ranks, stats):
         model = super().wrap(model, p_max, ranks, stats)
         # the raw, unfloored traces: growth divides by them and handles unusable ones itself

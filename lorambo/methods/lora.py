@@ -5,7 +5,7 @@ import os
 import torch
 
 from lorambo.adapters import (ADAPTER, adapter_parameter_count, adapter_ranks, expected_parameter_count, grow_rank,
-                              lora_layers, sync_peft_config, wrap_lora)
+                              lora_config, lora_layers, sync_peft_config, wrap_lora)
 from lorambo.allocation import allocator_options
 from lorambo.allocators import initialise_adapter
 from lorambo.allocators.uniform import uniform_rank
@@ -61,6 +61,10 @@ class Lora(Method):
         # EVA, GoRA: the allocator also says how the adapter starts
         initialise_adapter(self.cfg.allocator.name, model, stats, **allocator_options(self.cfg.allocator, self.cfg.method))
         return model
+
+    def adapter_config(self, p_max, ranks):
+        return lora_config(ranks, self.cfg.model.head_modules, self.cfg.lora, self.use_dora,
+                           uniform_rank(self.layers, p_max))
 
     def state(self, model) -> dict:
         return {"model": trainable_tensors(model), "ranks": adapter_ranks(model)}
