@@ -146,7 +146,7 @@ def _main(cfg: DictConfig) -> float | None:
         fail(str(e))
         _failures.append(run_dir)
         return None
-    main_metric = cfg.task.main_metric
+    main_metric = metrics["main_metric"]  # on a dev split (task.dev_fraction): its plain name
     if int(os.environ.get("RANK", "0")) != 0:  # multi-process: the main process reports
         return metrics[main_metric]
     print(f"{main_metric}={metrics[main_metric]:.4f} adapter_params={metrics['adapter_params']:,} "

@@ -26,6 +26,24 @@ class TaskData:
 
 
 def load_task(task_cfg, model_cfg, tokenizer) -> TaskData:
+    """The task's splits; with `task.dev_fraction`, a dev split carved from the training split (a fixed
+    permutation, seed 0, the same for every run and row) is the only evaluation split and the rest trains, so
+    that a learning-rate search never sees the validation split."""
+    data = _load_splits(task_cfg, model_cfg, tokenizer)
+    fraction = task_cfg.get("dev_fraction")
+    if not fraction:
+        return data
+    order = np.random.default_rng(0).permutation(len(data.train))
+    n_dev = max(1, round(fraction * len(order)))
+    if n_dev >= len(order):
+        raise LoramboError(f"task.dev_fraction={fraction} leaves nothing to train on; lower it")
+    part = lambda idx: (data.train.select(sorted(idx)) if hasattr(data.train, "select")
+                        else torch.utils.data.Subset(data.train, sorted(idx)))
+    return TaskData(part(order[n_dev:].tolist()), {"dev": part(order[:n_dev].tolist())}, data.collate_fn,
+                    data.label_names)
+
+
+def _load_splits(task_cfg, model_cfg, tokenizer) -> TaskData:
     if task_cfg.type == "image_classification":
         return _image_task(task_cfg, model_cfg)
     if task_cfg.source == "local_file":

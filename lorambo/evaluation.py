@@ -48,9 +48,13 @@ def evaluate_all(model, eval_loaders, task_cfg, accelerator) -> dict[str, float]
 
 
 def reported_metrics(task_cfg, splits: list[str]) -> list[str]:
-    """The metrics a table shows for this task: the main one, for every evaluation split (MNLI: m and mm)."""
+    """The metrics a table shows for this task: the main one, for every evaluation split (MNLI: m and mm); the
+    first is the run's main metric."""
     main = task_cfg.main_metric
+    named = list(task_cfg.get("eval_splits") or {})  # MNLI: accuracy_matched is accuracy on `matched`
+    base = next((main[: -len(s) - 1] for s in [*splits, *named] if main.endswith("_" + s)), main)
+    if splits == ["dev"]:  # a dev split carved from train (task.dev_fraction): one split, plain names
+        return [base]
     if len(splits) == 1:
         return [main]
-    base = next((main[: -len(s) - 1] for s in splits if main.endswith("_" + s)), main)
     return [f"{base}_{s}" for s in splits]

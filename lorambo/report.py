@@ -81,7 +81,10 @@ def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
             raise LoramboError(f"no such folder: '{path}'; give run or sweep folders (e.g. runs/multirun/DATE/TIME)")
         for metrics in sorted(glob.glob(os.path.join(path, "**", "metrics.json"), recursive=True)):
             try:
-                runs.append(load_run(os.path.dirname(metrics)))
+                run = load_run(os.path.dirname(metrics))
+                if run.get("eval_splits") == ["dev"]:  # a tuned sweep's search run: scored on a dev split
+                    continue
+                runs.append(run)
             except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut or edited by hand: the rest stands
                 damaged.append(f"damaged: {metrics} ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
                                f"left out: rerun that cell")
@@ -89,6 +92,56 @@ def find_runs(paths: list[str]) -> tuple[list[dict], list[str]]:
             missing += missing_cells(os.path.dirname(sweep))
     done = {run_identity(m) for m in runs} - {None}
     return runs, damaged + [line for line, cell in missing if not done or cell_identity(cell) not in done]
+
+
+def tuning_records(paths: list[str]) -> dict[str, dict]:
+    """Every tuned sweep under the given folders (its tuning.json: the grid, each point's dev score, the
+    choice), by sweep folder."""
+    from lorambo.tuning import TUNING_FILE, read_tuning
+
+    found = {os.path.dirname(f) for path in paths
+             for f in glob.glob(os.path.join(path, "**", TUNING_FILE), recursive=True)}
+    return {d: read_tuning(d) for d in sorted(found)}
+
+
+def mark_tuned(runs: list[dict], tuned: dict[str, dict]) -> None:
+    """m["tuned"]: the run is a final run of a tuned sweep (below a folder with tuning.json)."""
+    for m in runs:
+        m["tuned"] = any(os.path.abspath(m["run_dir"]).startswith(os.path.abspath(d) + os.sep) for d in tuned)
+
+
+def protocol_line(runs: list[dict], tuned: dict[str, dict]) -> str:
+    """The table's header: tuned (every row had the same learning-rate search), untuned, or which rows were."""
+    flags = [m["tuned"] for m in runs]
+    if all(flags):
+        first = next(iter(tuned.values()))
+        return (f"**Tuned**: every row's learning rate (x {', '.join(f'{f:g}' for f in first['lr_factors'])} of "
+                f"its own) and, for LoRA rows, scale policy ({', '.join(first['scalings'])}) chosen on a dev split "
+                f"({first['dev_fraction']:g} of the training split, seed {first['search_seed']}); the chosen point "
+                f"over seeds on the validation split (the search: below).")
+    if not any(flags):
+        return ("**Untuned**: one learning rate per model (train.lr) for every row; a ranking of rows is not "
+                "evidence until each row has had the same search (hydra/sweeper=tuned).")
+    return ("**Mixed**: some rows come from a tuned sweep and some not; compare rows only within one protocol: "
+            + ", ".join(sorted({row_key(m) for m, f in zip(runs, flags) if f})) + " tuned.")
+
+
+def search_table(tuned: dict[str, dict]) -> list[str]:
+    """Markdown lines: per tuned cell, every grid point's dev score and the choice."""
+    lines = []
+    for sweep, record in tuned.items():
+        lines += ["", f"Learning-rate search ({sweep}):", "", "| cell | grid: dev score | chosen | dev score |",
+                  "|---|---|---|---|"]
+        constant = set.intersection(*[set(c["overrides"]) for c in record["cells"]]) if record["cells"] else set()
+        for c in record["cells"]:
+            cell = " ".join(o for o in c["overrides"] if o not in constant) or " ".join(c["overrides"])
+            point = lambda p: " ".join(f"{k.split('.')[-1]}={v}" for k, v in p.items())
+            grid = "; ".join(f"{point(g['point'])}: " + ("failed" if g["dev_score"] is None else f"{g['dev_score']:.4f}")
+                             for g in c["grid"])
+            chosen = "none finished" if c["chosen"] is None else point(c["chosen"])
+            score = "—" if c["dev_score"] is None else f"{c['dev_score']:.4f}"
+            lines.append(f"| {cell} | {grid} | {chosen} | {score} |")
+    return lines
 
 
 # what does not change a run's result: where it logs, and whether it was resumed
@@ -235,6 +288,7 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
             if all("effective_rank" in m for m in runs_here) else None,
             "paper_memory": paper_tables.paper_memory(paper, paper_model, row.split(" [")[0]),
             "scale": " / ".join(sorted({scale_policy(m) or "—" for m in runs_here})),
+            "tuned": all(m.get("tuned") for m in runs_here),
             "runs": runs_here,
         })
     return cells
@@ -290,10 +344,11 @@ def table_rows(cells: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 CSV_FIELDS = ["model", "row", "task", "metric", "budget", "n", "mean", "std", "paper", "paper_is_analogue",
               "diff_paper", "vs_uniform", "p_vs_uniform", "scale", "adapter_params", "adapter_mib", "paper_memory",
-              "optimizer_mib", "peak_mib", "step_seconds", "effective_rank"]
+              "optimizer_mib", "peak_mib", "step_seconds", "effective_rank", "tuned"]
 
 
-def render(cells: list[dict], fmt: str, missing: list[str], paper: str) -> str:
+def render(cells: list[dict], fmt: str, missing: list[str], paper: str, protocol: str = "",
+           search: list[str] = ()) -> str:
     if fmt == "csv":
         import csv
         import io
@@ -313,17 +368,17 @@ def render(cells: list[dict], fmt: str, missing: list[str], paper: str) -> str:
               f"adapter MiB: fp32 adapter tensors (full FT: the whole model). "
               f"a / b in the last columns: the value in each metric column, left to right, where they differ.")
     if fmt == "markdown":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = ([protocol, ""] if protocol else []) + ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
-        return "\n".join(lines + ["", legend] + (["", *missing] if missing else [])) + "\n"
+        return "\n".join(lines + ["", legend, *search] + (["", *missing] if missing else [])) + "\n"
     if fmt == "latex":
         escape = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace(
             "~", r"$\sim$").replace("—", "--")
-        lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
+        lines = ([f"% {protocol}"] if protocol else []) + [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
                  " & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
         lines += [" & ".join(escape(x) for x in r) + r" \\" for r in body]
         lines += [r"\bottomrule", r"\end{tabular}", "% " + legend]
-        return "\n".join(lines + ["% " + m for m in missing]) + "\n"
+        return "\n".join(lines + ["% " + line for line in search if line] + ["% " + m for m in missing]) + "\n"
     raise LoramboError(f"unknown --format '{fmt}'; use markdown, latex or csv")
 
 
@@ -456,8 +511,10 @@ def main(argv=None) -> None:
             raise LoramboError(f"no finished runs (metrics.json) under {', '.join(args.paths)}")
         paper = args.paper if args.paper != "auto" else (
             "003" if any(m["optimizer"] in ("galore", "adarankgrad") for m in runs) else "000")
+        tuned = tuning_records(args.paths)
+        mark_tuned(runs, tuned)
         cells = build_cells(runs, paper)
-        text = render(cells, args.format, missing, paper)
+        text = render(cells, args.format, missing, paper, protocol_line(runs, tuned), search_table(tuned))
         out_dir = args.out or (args.paths[0] if os.path.isdir(args.paths[0]) else ".")
         os.makedirs(out_dir, exist_ok=True)
         from lorambo.results import write_text_atomic

@@ -94,6 +94,7 @@ class Task(BaseModel):
     max_train_samples: int | None = Field(default=None, ge=1)  # null: no limit
     max_eval_samples: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=1)
+    dev_fraction: float | None = Field(default=None, gt=0, lt=1)  # set: evaluate on a dev split carved from train
 
     @model_validator(mode="after")
     def classes(self):

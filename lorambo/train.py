@@ -94,8 +94,7 @@ def run(cfg, run_dir: str) -> dict:
 
     # --- finish, evaluate, count, save
     unwrapped, trainable = unwrap(accelerator, model), [p for p in model.parameters() if p.requires_grad]
-    outcome = method.finish(unwrapped, progress.step)  # before evaluating: a method may cut its adapter
-    t_eval = time.perf_counter()
+    outcome, t_eval = method.finish(unwrapped, progress.step), time.perf_counter()  # a method may cut its adapter
     results = evaluate_all(model, eval_loaders, cfg.task, accelerator)
     element_size = trainable[0].element_size()
     metrics = {  # metrics.json: the keys every report reads
@@ -103,7 +102,8 @@ def run(cfg, run_dir: str) -> dict:
         "model": cfg.model.name, "task": cfg.task.name, "allocator": method.label(), "method": method.name,
         "seed": cfg.seed, "optimizer": cfg.optimizer.name, "optimizer_rank": cfg.optimizer.get("rank"),
         "budget": budget_label(cfg.budget) if method.trains_adapter else None, "p_max": p_max,
-        "main_metric": cfg.task.main_metric, "reported_metrics": reported_metrics(cfg.task, list(eval_loaders)),
+        "main_metric": reported_metrics(cfg.task, list(eval_loaders))[0], "eval_splits": list(eval_loaders),
+        "reported_metrics": reported_metrics(cfg.task, list(eval_loaders)),
         "adapter_bytes": outcome["adapter_params"] * element_size,
         "adapter_mib": outcome["adapter_params"] * element_size / 2**20,
         "head_params": head_params, "trainable_params": sum(p.numel() for p in trainable),

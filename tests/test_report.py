@@ -88,6 +88,7 @@ def test_markdown_latex_and_plots(tmp_path, template, capsys):
     markdown = capsys.readouterr().out
     table = [line for line in markdown.splitlines() if line.startswith("| minilm")]
     assert len(table) == 2 and "81.00 ± 1.41 (n=2)" in table[0]
+    assert markdown.startswith("**Untuned**")  # no tuning.json: the header says so
     assert "[~83.98" in table[0]  # MiniLM on QNLI stands in for BERT-base: the analogue's number, marked ~
     assert open(tmp_path / "report.md").read() in markdown
     report_main([str(tmp_path), "--format", "latex", "--out", str(tmp_path)])

@@ -99,6 +99,7 @@ class Method:
     Options: type[BaseModel] = NoOptions  # its yaml's keys beside name and module, with their types and ranges
     uses_allocator = False  # its ranks come from the allocator (config group `allocator`) under the budget
     trains_adapter = True  # False: no adapter and no budget (full fine-tuning)
+    has_scale_policy = False  # True: its update scale follows lora.scaling (a tuned sweep searches it too)
 
     def __init__(self, cfg, layers, steps: int, run_dir: str, is_main: bool):
         self.cfg, self.layers, self.steps, self.run_dir, self.is_main = cfg, layers, steps, run_dir, is_main

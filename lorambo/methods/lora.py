@@ -49,6 +49,7 @@ class Lora(Method):
 
     uses_allocator = True
     use_dora = False
+    has_scale_policy = True
 
     def label(self) -> str:
         return self.cfg.allocator.name
