@@ -24,6 +24,8 @@ METHODS = {
     "ard_lora": ["method=ard_lora", "budget=r4"],
     "adalora": ["method=adalora", "budget=r4", "method.delta_t=2"],
     "dora": ["method=dora", "budget=r4"],
+    "eva": ["allocator=eva", "budget=r4"],  # regression: their starts read statistics a checkpoint does not keep
+    "gora": ["allocator=gora", "budget=r4"],
     "resnet_full_ft": ["model=tiny_resnet", "task=fashion_mnist", "method=full_ft"],
 }
 

@@ -66,9 +66,10 @@ def initialises(name: str) -> bool:
 
 
 def initialise_adapter(name: str, peft_model, stats: dict, **options) -> bool:
-    """The allocator's own start for the adapter (True), or PEFT's default start left as it is (False)."""
+    """The allocator's own start for the adapter (True), or PEFT's default start left as it is (False). A
+    resumed run's statistics are only what its checkpoint keeps; its tensors come from the checkpoint anyway."""
     allocator = _get(name)
-    if allocator.initialise is None:
+    if allocator.initialise is None or not allocator.required_stats(**options) <= set(stats):
         return False
     options = {k: v for k, v in options.items() if k in inspect.signature(allocator.initialise).parameters}
     allocator.initialise(peft_model, stats, **options)
