@@ -27,7 +27,7 @@ smoke: setup
 	$(VENV)/bin/lorambo-run experiment=smoke
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25   # the slowest tests, so that every CI run shows where the time goes
 
 bench: setup
 	$(PY) bench/harness.py --json runs/bench.json

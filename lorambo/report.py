@@ -139,6 +139,9 @@ def search_table(tuned: dict[str, dict]) -> list[str]:
             grid = "; ".join(f"{point(g['point'])}: " + ("failed" if g["dev_score"] is None else f"{g['dev_score']:.4f}")
                              for g in c["grid"])
             chosen = "none finished" if c["chosen"] is None else point(c["chosen"])
+            lrs = sorted({g["point"]["train.lr"] for g in c["grid"]})
+            if c["chosen"] is not None and len(lrs) > 1 and c["chosen"]["train.lr"] in (lrs[0], lrs[-1]):
+                chosen += " (at the grid's edge: the best rate may lie beyond it)"
             score = "—" if c["dev_score"] is None else f"{c['dev_score']:.4f}"
             lines.append(f"| {cell} | {grid} | {chosen} | {score} |")
     return lines

@@ -151,7 +151,8 @@ def test_bf16_training_keeps_float32_statistics_and_metrics_the_reloaded_adapter
 
     from tests.test_runs import FAMILIES, QUICK, evaluate_independently, load_base
 
-    common = [*FAMILIES["tiny_gpt2"], *QUICK, "train.eval_every=0", "allocator=hessian_offline", "budget=r1"]
+    common = [*FAMILIES["tiny_gpt2"], *QUICK, "train.eval_every=0", "allocator=gradient", "budget=r1",
+              "sensitivity.gradient_batches=2"]
     runs = {}
     for precision in ("no", "bf16"):
         runs[precision] = run_in_process([*common, f"train.mixed_precision={precision}"], tmp_path / precision)
@@ -181,17 +182,3 @@ def test_a_compiled_step_recompiles_through_online_growth_and_matches_eager(tmp_
     assert compiled["ranks"] == eager["ranks"] and len(set(eager["ranks"].values())) > 1
     losses = [logged_losses(tmp_path / d) for d in ("eager", "compiled")]
     assert len(losses[0]) >= 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
-
-
-def test_a_parallel_sweep_runs_its_cells_side_by_side_with_the_cores_split(tmp_path):
-    """hydra/launcher=parallel as a user runs it: two cells in joblib's worker processes, each with cores / 2
-    threads, each writing its own complete run folder."""
-    from lorambo.devices import machine_cores
-    from tests.helpers import run_cli
-
-    result = run_cli(["-m", "experiment=smoke", "train.max_steps=2", "seed=0,1", "hydra/launcher=parallel",
-                      "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
-    assert sorted(r["seed"] for r in runs) == [0, 1]
-    assert all(r["threads"] == max(1, machine_cores() // 2) for r in runs)

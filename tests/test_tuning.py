@@ -54,11 +54,15 @@ def test_a_dev_run_reports_the_plain_metric_name():
 
 
 def test_a_tuned_sweep_searches_every_row_alike_then_runs_the_choice_over_seeds(tmp_path):
+    """As a user runs it, side by side (hydra/launcher=parallel: joblib's worker processes, each with cores / 2
+    threads, each writing its own complete run folder)."""
+    from lorambo.devices import machine_cores
+
     sweep = tmp_path / "tuned"
     result = run_cli(["experiment=tuned", "model=tiny_bert", "table_row=uniform,adalora", "seed=0,1",
                       "task.max_train_samples=128", "task.max_eval_samples=64", "train.max_steps=3",
-                      "train.batch_size=8", "hydra.sweeper.lr_factors=[0.5,4]", f"hydra.sweep.dir={sweep}"],
-                     tmp_path, timeout=900)
+                      "train.batch_size=8", "hydra.sweeper.lr_factors=[0.5,4]", f"hydra.sweep.dir={sweep}",
+                      "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((sweep / "tuning.json").read_text())
     assert [c["overrides"][0] for c in record["cells"]] == ["table_row=uniform", "table_row=adalora"]
@@ -73,6 +77,7 @@ def test_a_tuned_sweep_searches_every_row_alike_then_runs_the_choice_over_seeds(
     finals = [json.loads((d / "metrics.json").read_text()) for d in sorted(sweep.iterdir())
               if (d / "metrics.json").exists()]
     assert len(finals) == 4 and all(m["eval_splits"] == ["validation"] for m in finals)
+    assert all(m["threads"] == max(1, machine_cores() // 2) for m in finals)
     for cell in record["cells"]:
         method = "adalora" if "adalora" in cell["overrides"][0] else "lora"
         best = max(score for _, score in searched[method])  # the choice, recomputed from the search's own files
@@ -92,3 +97,18 @@ def run_cli_report(args, cwd) -> str:
     out = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
+
+
+def test_the_search_table_flags_a_choice_at_the_grid_edge():
+    from lorambo.report import search_table
+
+    grid = lambda scores: [{"point": {"train.lr": lr}, "metric": "accuracy", "dev_score": s}
+                           for lr, s in zip((1e-4, 3e-4, 9e-4), scores)]
+    record = {"cells": [{"overrides": ["table_row=a"], "grid": grid([0.7, 0.8, 0.9]), "chosen": {"train.lr": 9e-4},
+                         "dev_score": 0.9},
+                        {"overrides": ["table_row=b"], "grid": grid([0.7, 0.9, 0.8]), "chosen": {"train.lr": 3e-4},
+                         "dev_score": 0.9}]}
+    lines = search_table({"sweep": record})
+    row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| table_row")}
+    assert "grid's edge" in row["table_row=a"] and "grid's edge" not in row["table_row=b"]
+    assert "lr=0.0003: 0.9000" in row["table_row=b"]
