@@ -155,7 +155,7 @@ def test_eva_and_gora_start_their_adapters_as_their_papers_say(tiny_bert_statist
     for name in ("eva", "gora"):
         ranks = allocate(name, layers, p_max, stats)
         peft_model = wrap_lora(model, ranks, cfg.model.head_modules, cfg.lora, False, uniform_rank(layers, p_max))
-        assert initialise_adapter(name, peft_model, stats, init_step=0.01)
+        assert initialise_adapter(name, peft_model, stats, {"init_step": 0.01})
         for layer_name, layer in lora_layers(peft_model).items():
             A, B = factor_matrices(layer)
             if name == "eva":  # A: the input's leading directions, B zero (the model starts as the base)

@@ -65,14 +65,15 @@ def initialises(name: str) -> bool:
     return _get(name).initialise is not None
 
 
-def initialise_adapter(name: str, peft_model, stats: dict, **options) -> bool:
-    """The allocator's own start for the adapter (True), or PEFT's default start left as it is (False). A
-    resumed run's statistics are only what its checkpoint keeps; its tensors come from the checkpoint anyway."""
+def initialise_adapter(name: str, peft_model, stats: dict, options: dict) -> bool:
+    """The allocator's own start for the adapter (True), or PEFT's default start left as it is (False);
+    `options`: the allocator's config (its start reads its own keys). A resumed run's statistics are only what
+    its checkpoint keeps; its tensors come from the checkpoint anyway."""
     allocator = _get(name)
     if allocator.initialise is None or not allocator.required_stats(**options) <= set(stats):
         return False
-    options = {k: v for k, v in options.items() if k in inspect.signature(allocator.initialise).parameters}
-    allocator.initialise(peft_model, stats, **options)
+    own = inspect.signature(allocator.initialise).parameters
+    allocator.initialise(peft_model, stats, **{k: v for k, v in options.items() if k in own and k != "stats"})
     return True
 
 

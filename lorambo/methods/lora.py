@@ -3,10 +3,10 @@
 import os
 
 import torch
+from omegaconf import OmegaConf
 
 from lorambo.adapters import (ADAPTER, adapter_parameter_count, adapter_ranks, expected_parameter_count, grow_rank,
                               lora_config, lora_layers, sync_peft_config, wrap_lora)
-from lorambo.allocation import allocator_options
 from lorambo.allocators import initialise_adapter
 from lorambo.allocators.uniform import uniform_rank
 from lorambo.errors import LoramboError
@@ -60,7 +60,8 @@ class Lora(Method):
         if adapter_parameter_count(model) != expected_parameter_count(ranks, self.layers, self.use_dora):
             raise RuntimeError("adapter tensors do not hold sum r_i c_i parameters")
         # EVA, GoRA: the allocator also says how the adapter starts
-        initialise_adapter(self.cfg.allocator.name, model, stats, **allocator_options(self.cfg.allocator, self.cfg.method))
+        options = OmegaConf.to_container(self.cfg.allocator, resolve=True)
+        initialise_adapter(self.cfg.allocator.name, model, stats, options)
         return model
 
     def adapter_config(self, p_max, ranks):
