@@ -3,7 +3,8 @@ as `allocator=eva` measures them) against an exact float64 eigendecomposition of
 
 On the model and task of the given overrides (default: the offline default, pretrained MiniLM-L6), the runner's
 estimation batches, every adapted layer: the relative error of each of the first `--components` ratios, the
-largest and the median over the layers, and the seconds PEFT's estimate took.
+largest and the median over the layers, and the seconds PEFT's estimate took. EVA's r is `--rank` (the offline
+default's uniform rank, 8); PEFT computes rho x r directions per layer (sensitivity.eva_rho, 2).
 
     .venv/bin/python bench/eva_reference.py [OVERRIDE ...]
 """
@@ -46,7 +47,7 @@ def exact_ratios(model, layers, batches, components: int) -> dict[str, np.ndarra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--components", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
     cfg = compose_config(["logger=none", *args.overrides])
     torch.manual_seed(cfg.seed)
@@ -57,13 +58,14 @@ def main() -> None:
     start = time.perf_counter()
     stats = estimate({"explained_variance"}, model, layers, batches,
                      lambda m, b: loss_and_logits(m, b, cfg.task.type), cfg.sensitivity, cfg.seed, cfg.task.type,
-                     components=args.components)
+                     rank=args.rank)
     seconds = time.perf_counter() - start
-    exact = exact_ratios(model, layers, batches, args.components)
+    components = len(next(iter(stats["explained_variance"].values())))
+    exact = exact_ratios(model, layers, batches, components)
     errors = np.array([np.abs(stats["explained_variance"][l.name] - exact[l.name]) / exact[l.name] for l in layers])
     print(f"{cfg.model.name} on {cfg.task.name}: {len(layers)} layers, {len(batches)} batches, PEFT's estimate "
           f"{seconds:.1f} s")
-    print("direction k:          " + " ".join(f"{k:>6}" for k in range(1, args.components + 1)))
+    print("direction k:          " + " ".join(f"{k:>6}" for k in range(1, components + 1)))
     print("largest rel. error:   " + " ".join(f"{e:6.1%}" for e in errors.max(0)))
     print("median rel. error:    " + " ".join(f"{e:6.1%}" for e in np.median(errors, 0)))
 

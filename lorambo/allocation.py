@@ -46,7 +46,7 @@ def needed_statistics(cfg, method) -> set[str]:
 
 def measure(required: set[str], cfg, model, layers, data, device, num_processes: int, p_max: int) -> dict:
     """The statistics, on estimation batches, with the head optionally warmed up first (then restored).
-    EVA's input directions: up to rho times the uniform rank at this budget (PEFT's cap rho * r)."""
+    EVA's r is the uniform rank at this budget (a layer then holds at most rho r directions, PEFT's cap)."""
     batches = estimation_batches(data, cfg, device, num_processes)
     model = model.to(device)
     output_fn = lambda m, b: loss_and_logits(m, b, cfg.task.type)
@@ -55,7 +55,7 @@ def measure(required: set[str], cfg, model, layers, data, device, num_processes:
     with warmed_up_head(model, head_parameters(model, cfg.model.head_modules), batches, output_fn,
                         cfg.sensitivity.head_warmup_steps, cfg.sensitivity.head_warmup_lr):
         return estimate(required, model, layers, batches, output_fn, cfg.sensitivity, cfg.seed, cfg.task.type,
-                        components=max(1, round(cfg.sensitivity.eva_rho * uniform_rank(layers, p_max))))
+                        rank=max(1, round(uniform_rank(layers, p_max))))
 
 
 def choose_ranks(cfg, method, model, layers, p_max, data, accelerator, run_dir) -> dict:

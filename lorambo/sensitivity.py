@@ -299,12 +299,11 @@ def warmed_up_head(model, head: list[nn.Parameter], batches, output_fn, steps: i
 
 
 def estimate(required: set[str], model, layers, batches, output_fn, settings, seed: int = 0,
-             task_type: str = "classification", components: int = 1) -> dict:
+             task_type: str = "classification", rank: int = 1) -> dict:
     """Every statistic in `required`, each from the first `settings.<stat>_batches` batches. A scalar statistic
     gives `stats[name]` (floored positive, for allocators), `stats[name + "_raw"]` (the plain mean) and, under
     `stats["errors"][name]`, each layer's standard error over its samples and count of non-positive samples.
-    `output_fn(model, batch) -> (mean loss, logits)`; `components`: how many principal directions of each
-    layer's input explained_variance computes."""
+    `output_fn(model, batch) -> (mean loss, logits)`; `rank`: the uniform rank at the budget (EVA's r)."""
     loss_fn = lambda m, b: output_fn(m, b)[0]
     was_training = model.training
     model.eval()  # no dropout: estimates of the function being adapted, not of a noisy copy
@@ -321,7 +320,8 @@ def estimate(required: set[str], model, layers, batches, output_fn, settings, se
                 stats["gradient_saliency"] = gradient_saliency(model, stats["mean_gradient"])
         if "explained_variance" in required:
             stats["explained_variance"], stats["input_components"] = explained_variance(
-                model, layers, batches, components, settings.eva_tau, settings.eva_max_batches, task_type == "lm")
+                model, layers, batches, rank, settings.eva_rho, settings.eva_tau, settings.eva_max_batches,
+                task_type == "lm")
         if "hessian_trace" in required:
             samples["hessian_trace"] = hutchinson_trace(model, layers, batches[: settings.hessian_batches], loss_fn,
                                                         settings.hutchinson_probes, seed)
@@ -354,12 +354,14 @@ def gradient_saliency(model, mean_gradients: dict[str, torch.Tensor]) -> dict[st
 
 
 @torch.no_grad()
-def explained_variance(model, layers, batches, components: int, tau: float, max_batches: int, lm: bool
+def explained_variance(model, layers, batches, rank: int, rho: float, tau: float, max_batches: int, lm: bool
                        ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-    """EVA's statistic by PEFT's own code (get_eva_state_dict: incremental PCA of each layer's input tokens,
-    padding left out, until the leading directions stop moving, cosine >= tau): per layer, the explained variance
-    ratio of its first `components` directions and the directions themselves (rows, for A).
-    PEFT keeps the ratios inside its hooks, so the hooks are recorded as PEFT creates them."""
+    """EVA's statistic by PEFT's own code (get_eva_state_dict at r = `rank`, the uniform rank, and `rho`): an
+    incremental PCA of each layer's input tokens, padding left out, with round(rho r) directions per layer,
+    repeated until the directions PEFT's own rank distribution (the top r x layers ratios) needs stop moving,
+    cosine >= tau. Per layer: the explained-variance ratios of all round(rho r) directions, and the directions
+    (rows, for A). PEFT keeps both inside its hooks, so the hooks, and its map of layers fed the same input
+    (query, key, value: one hook), are recorded as PEFT makes them."""
     from peft import EvaConfig, LoraConfig
     from peft.tuners.lora import eva as peft_eva
     from transformers.pytorch_utils import Conv1D
@@ -368,12 +370,19 @@ def explained_variance(model, layers, batches, components: int, tau: float, max_
     if convolutions:
         raise LoramboError(f"allocator=eva: PEFT's EVA adapts only Linear layers and this model adapts "
                            f"convolutions ({convolutions[0]}, ...); choose another allocator")
-    recorded = {}
+    recorded, groups = {}, []
 
     class RecordedSVDHook(peft_eva.SVDHook):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             recorded[kwargs["name"]] = self
+
+    find_equal_values = peft_eva.find_equal_values
+
+    def recorded_groups(hashes):
+        found = find_equal_values(hashes)
+        groups.extend(found.values())
+        return found
 
     calls = [0]
 
@@ -384,18 +393,22 @@ def explained_variance(model, layers, batches, components: int, tau: float, max_
                                f"batches; raise sensitivity.eva_max_batches or lower sensitivity.eva_tau")
         return m(**batch)
 
-    config = LoraConfig(r=components, target_modules=[l.name for l in layers], init_lora_weights="eva",
-                        eva_config=EvaConfig(rho=1.0, tau=tau, use_label_mask=lm))
-    original, peft_eva.SVDHook = peft_eva.SVDHook, RecordedSVDHook
+    config = LoraConfig(r=rank, target_modules=[l.name for l in layers], init_lora_weights="eva",
+                        eva_config=EvaConfig(rho=rho, tau=tau, use_label_mask=lm))
+    saved = peft_eva.SVDHook, peft_eva.find_equal_values
+    peft_eva.SVDHook = RecordedSVDHook
+    peft_eva.find_equal_values = recorded_groups
     try:
-        state = peft_eva.get_eva_state_dict(model, batches, config, forward_fn=forward, show_progress_bar=False)
+        peft_eva.get_eva_state_dict(model, batches, config, forward_fn=forward, show_progress_bar=False)
     finally:
-        peft_eva.SVDHook = original
-    ratios = {}
-    for name, rows in state.items():  # layers fed the same input (query, key, value) share one hook
-        hook = next(h for h in recorded.values() if torch.equal(h.svd.components_[: len(rows)], rows))
-        ratios[name] = hook.svd.explained_variance_ratio_[: len(rows)].double().cpu().numpy()
-    return ratios, state
+        peft_eva.SVDHook, peft_eva.find_equal_values = saved
+    hooked = {name: group[0] for group in groups for name in group}  # PEFT hooks a group's first layer
+    ratios, directions = {}, {}
+    for layer in layers:
+        svd = recorded[hooked.get(layer.name, layer.name)].svd
+        ratios[layer.name] = svd.explained_variance_ratio_.double().cpu().numpy()
+        directions[layer.name] = svd.components_
+    return ratios, directions
 
 
 def error_bars(samples: Samples) -> dict[str, dict]:

@@ -94,7 +94,7 @@ def tiny_bert_statistics():
     batches = estimation_batches(data, cfg, "cpu")[:2]
     output_fn = lambda m, b: loss_and_logits(m, b, cfg.task.type)
     stats = estimate({"explained_variance", "gradient_saliency", "mean_gradient"}, model, layers, batches,
-                     output_fn, cfg.sensitivity, components=6)
+                     output_fn, cfg.sensitivity, rank=3)  # EVA's r; rho 2: 6 directions per layer
     return cfg, model, layers, batches, stats
 
 
@@ -123,9 +123,9 @@ def test_explained_variance_is_the_pca_of_the_layer_inputs_in_float64():
         features[mask == 0] = 100.0  # would dominate the spectrum if it were counted
         batches.append({"input_ids": features, "attention_mask": mask})
     model = InputsThroughOneLayer()
-    settings = OmegaConf.create({"eva_tau": 0.999, "eva_max_batches": 200})
+    settings = OmegaConf.create({"eva_rho": 2.0, "eva_tau": 0.999, "eva_max_batches": 200})
     stats = estimate({"explained_variance"}, model, [LayerSpec("proj", 5, 12)], batches, None, settings,
-                     components=4)
+                     rank=2)  # rho 2: 4 directions
     X = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches]).double()
     X = X - X.mean(0)
     eig = torch.linalg.eigvalsh(X.T @ X).flip(0)
@@ -247,3 +247,32 @@ def test_allocate_refuses_a_method_whose_ranks_change_while_it_trains(tmp_path, 
     errors = [line for line in err.splitlines() if line.startswith("lorambo-allocate: error:")]
     assert len(errors) == 1 and "sets its ranks while it trains" in errors[0]
     assert not (tmp_path / "a" / "adapter_config.json").exists()
+
+
+def test_eva_waits_only_for_the_directions_peft_would_use_not_a_degenerate_tail():
+    """Regression: lorambo asked PEFT for all rho x r directions as if each were needed, so PEFT waited for
+    directions of equal variance (which PEFT's low-rank SVD never settles) and the tuned sweep's EVA runs on
+    MiniLM stopped at sensitivity.eva_max_batches (here: at 60 batches on the old code). PEFT's own rule waits
+    for the directions its rank distribution uses."""
+    from omegaconf import OmegaConf
+
+    class Inputs48(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(48, 5)
+
+        def forward(self, input_ids, attention_mask):
+            return self.proj(input_ids)
+
+    gen = torch.Generator().manual_seed(1)
+    spectrum = torch.tensor([4.0, 2.0] + [0.5] * 46)  # a flat tail after two clear directions
+    batches = [{"input_ids": torch.randn(6, 20, 48, generator=gen) * spectrum,
+                "attention_mask": torch.ones(6, 20, dtype=torch.long)} for _ in range(4)]
+    settings = OmegaConf.create({"eva_rho": 6.0, "eva_tau": 0.99, "eva_max_batches": 60})
+    stats = estimate({"explained_variance"}, Inputs48(), [LayerSpec("proj", 5, 48)], batches, None, settings,
+                     rank=2)  # 12 directions computed, 2 used by PEFT's own distribution
+    assert len(stats["explained_variance"]["proj"]) == 12
+    directions = stats["input_components"]["proj"].double()
+    # the two clear directions are found (the inputs' axes 0 and 1); the tail's are any orthonormal rest
+    assert abs(directions[0, 0]) > 0.99 and abs(directions[1, 1]) > 0.98
+    torch.testing.assert_close(directions @ directions.T, torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0)
