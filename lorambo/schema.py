@@ -65,7 +65,7 @@ class Sensitivity(Section):
     fisher_samples: int = Field(ge=1)
     fisher_labels: Literal["model", "true"]
     eva_rho: float = Field(default=2.0, ge=1)
-    eva_tau: float = Field(default=0.99, ge=0, le=1)
+    eva_tau: float = Field(default=0.95, ge=0, le=1)
     eva_max_batches: int = Field(default=200, ge=1)
     head_warmup_steps: int = Field(ge=0)
     head_warmup_lr: float = Field(gt=0)
