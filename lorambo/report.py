@@ -113,12 +113,15 @@ def mark_tuned(runs: list[dict], tuned: dict[str, dict]) -> None:
 def protocol_line(runs: list[dict], tuned: dict[str, dict]) -> str:
     """The table's header: tuned (every row had the same learning-rate search), untuned, or which rows were."""
     flags = [m["tuned"] for m in runs]
-    if all(flags):
-        first = next(iter(tuned.values()))
-        return (f"**Tuned**: every row's learning rate (x {', '.join(f'{f:g}' for f in first['lr_factors'])} of "
-                f"its own) and, for LoRA rows, scale policy ({', '.join(first['scalings'])}) chosen on a dev split "
-                f"({first['dev_fraction']:g} of the training split, seed {first['search_seed']}); the chosen point "
-                f"over seeds on the validation split (the search: below).")
+    if all(flags):  # several tuned sweeps (a grid widened by a second one): every factor searched
+        records = list(tuned.values())
+        factors = sorted({f for r in records for f in r["lr_factors"]})
+        scalings = list(dict.fromkeys(x for r in records for x in r["scalings"]))
+        return (f"**Tuned**: every row's learning rate (x {', '.join(f'{f:g}' for f in factors)} of its own, over "
+                f"{len(records)} sweep(s): the search below says which rows had which) and, for LoRA rows, scale "
+                f"policy ({', '.join(scalings)}) chosen on a dev split ({records[0]['dev_fraction']:g} of the "
+                f"training split, seed {records[0]['search_seed']}); the chosen point over seeds on the validation "
+                f"split.")
     if not any(flags):
         return ("**Untuned**: one learning rate per model (train.lr) for every row; a ranking of rows is not "
                 "evidence until each row has had the same search (hydra/sweeper=tuned).")
