@@ -14,9 +14,10 @@ def run_in_process(overrides, run_dir):
     return run(compose_cfg(["logger=none", *overrides]), str(run_dir))
 
 
-def run_cli(args, cwd, timeout=600, env=None):
-    """`lorambo-run ARGS` as a user runs it, from `cwd` (with `env`, a changed environment)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "lorambo-run")
+def run_cli(args, cwd, timeout=600, env=None, program="lorambo-run"):
+    """`lorambo-run ARGS` (or another of lorambo's commands) as a user runs it, from `cwd` (with `env`, a
+    changed environment)."""
+    exe = os.path.join(os.path.dirname(sys.executable), program)
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

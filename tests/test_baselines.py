@@ -16,7 +16,7 @@ from lorambo.budget import LayerSpec, allocation_cost
 from lorambo.data import load_task
 from lorambo.evaluation import loss_and_logits
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
-from lorambo.sensitivity import estimate, weight_matrix
+from lorambo.sensitivity import estimate
 from tests.helpers import compose_cfg, run_in_process
 from tests.test_runs import (FAMILIES, QUICK, evaluate_independently, layer_costs, load_base, pair_csv,  # noqa: F401
                              saved_lora_params)
@@ -99,9 +99,9 @@ def tiny_bert_statistics():
 
 
 class InputsThroughOneLayer(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, d_in: int = 12):
         super().__init__()
-        self.proj = torch.nn.Linear(12, 5)
+        self.proj = torch.nn.Linear(d_in, 5)
 
     def forward(self, input_ids, attention_mask):  # here the "ids" are the features themselves
         return self.proj(input_ids)
@@ -256,20 +256,12 @@ def test_eva_waits_only_for_the_directions_peft_would_use_not_a_degenerate_tail(
     for the directions its rank distribution uses."""
     from omegaconf import OmegaConf
 
-    class Inputs48(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(48, 5)
-
-        def forward(self, input_ids, attention_mask):
-            return self.proj(input_ids)
-
     gen = torch.Generator().manual_seed(1)
     spectrum = torch.tensor([4.0, 2.0] + [0.5] * 46)  # a flat tail after two clear directions
     batches = [{"input_ids": torch.randn(6, 20, 48, generator=gen) * spectrum,
                 "attention_mask": torch.ones(6, 20, dtype=torch.long)} for _ in range(4)]
     settings = OmegaConf.create({"eva_rho": 6.0, "eva_tau": 0.99, "eva_max_batches": 60})
-    stats = estimate({"explained_variance"}, Inputs48(), [LayerSpec("proj", 5, 48)], batches, None, settings,
+    stats = estimate({"explained_variance"}, InputsThroughOneLayer(48), [LayerSpec("proj", 5, 48)], batches, None, settings,
                      rank=2)  # 12 directions computed, 2 used by PEFT's own distribution
     assert len(stats["explained_variance"]["proj"]) == 12
     directions = stats["input_components"]["proj"].double()

@@ -2,9 +2,7 @@
 CLI whose report says it was tuned and shows the search."""
 
 import json
-import os
 
-import pytest
 import torch
 
 from lorambo.data import load_task
@@ -84,19 +82,11 @@ def test_a_tuned_sweep_searches_every_row_alike_then_runs_the_choice_over_seeds(
         assert cell["dev_score"] == best
         assert {m["seed"] for m in finals if m["method"] == method} == {0, 1}
         assert all(m["lr"] == cell["chosen"]["train.lr"] for m in finals if m["method"] == method)
-    report = run_cli_report([str(sweep), "--no-plots"], tmp_path)
+    out = run_cli([str(sweep), "--no-plots"], tmp_path, timeout=300, program="lorambo-report")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = out.stdout
     assert "**Tuned**" in report and "Learning-rate search" in report and "table_row=adalora" in report
     assert "dev" not in {m for line in report.splitlines() if line.startswith("| tiny_bert") for m in line.split()}
-
-
-def run_cli_report(args, cwd) -> str:
-    import subprocess
-    import sys
-
-    exe = os.path.join(os.path.dirname(sys.executable), "lorambo-report")
-    out = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
 
 
 def test_the_search_table_flags_a_choice_at_the_grid_edge():

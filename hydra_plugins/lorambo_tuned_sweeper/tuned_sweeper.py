@@ -1,13 +1,17 @@
 """`hydra/sweeper=tuned`: lorambo's tuned protocol (lorambo/tuning.py) as a Hydra sweeper. Hydra loads sweepers
 only from the `hydra_plugins` package, so the class lives here; what it does is in lorambo.tuning."""
 
-import os
 from collections import OrderedDict
 from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+
+
+def cell_of(job: list[str]) -> tuple:
+    """A job's cell: its overrides without the seed."""
+    return tuple(o for o in job if not o.startswith("seed="))
 
 
 class TunedSweeper(BasicSweeper):
@@ -36,7 +40,7 @@ class TunedSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        cells = OrderedDict((tuple(o for o in job if not o.startswith("seed=")), None) for job in jobs)
+        cells = OrderedDict((cell_of(job), None) for job in jobs)
         search, owners = [], []
         for cell in cells:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(cell))
@@ -68,7 +72,7 @@ class TunedSweeper(BasicSweeper):
         subdir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)["subdir"]
         final = []
         for num, job in enumerate(jobs):
-            best = cells[tuple(o for o in job if not o.startswith("seed="))]
+            best = cells[cell_of(job)]
             if best is not None:
                 final.append([*job, *(f"{k}={v}" for k, v in best["point"].items()),
                               "hydra.sweep.subdir=" + subdir.replace("${hydra.job.num}", str(num))])
