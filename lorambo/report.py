@@ -19,6 +19,8 @@ import sys
 import yaml
 
 from lorambo import paper_tables
+from lorambo import comparison
+from lorambo.comparison import welch_p
 from lorambo.config import CONF_DIR
 from lorambo.errors import LoramboError
 from lorambo.results import read_jsonl
@@ -245,15 +247,6 @@ def metric_unit(metric: str) -> float:
     return 100.0 if metric.split("_")[0] in PERCENT_METRICS else 1.0
 
 
-def welch_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided Welch t-test p-value, or None with fewer than two seeds on a side or no spread at all."""
-    if len(a) < 2 or len(b) < 2 or (statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0):
-        return None
-    from scipy.stats import ttest_ind
-
-    return float(ttest_ind(a, b, equal_var=False).pvalue)
-
-
 def build_cells(runs: list[dict], paper: str) -> list[dict]:
     """One record per (model, row, column): values over seeds, the paper's number, the test against uniform."""
     groups = {}
@@ -312,6 +305,143 @@ def column_sort_key(column: tuple):
     return task, column[0], budget, column[1]
 
 
+# --- does the budget matter, and what allocation saves
+
+def value_text(value: float, metric: str) -> str:
+    return f"{value * metric_unit(metric):.2f}"
+
+
+def capacity_lines(runs: list[dict]) -> list[str]:
+    """One line per table (model, task, metric) with two or more budgets: does uniform's metric move between its
+    smallest and largest budget beyond seed noise? If not, capacity does not bind and the allocator rows cannot
+    be read as a ranking."""
+    budgets = {}
+    for m in runs:
+        if comparison.curve_name(m) is not None:
+            for metric in m["reported_metrics"]:
+                budgets.setdefault((m["model"], m["task"], metric), set()).add(m["budget"])
+    lines = []
+    for (model, task, metric), by_curve in sorted(comparison.sweep_curves(runs).items()):
+        if len(budgets[(model, task, metric)]) < 2:
+            continue
+        where = f"{model} {task} {metric}"
+        uniform = by_curve.get("uniform", [])
+        check = comparison.budget_check(uniform, metric)
+        if check["budgets"] < 2:
+            lines.append(f"**Budget sensitivity unknown** ({where}): uniform ran at {check['budgets']} budget(s); run "
+                         f"it at the table's smallest and largest budgets to tell whether capacity binds here.")
+            continue
+        ends = (f"uniform {value_text(check['small'], metric)} at {check['small_params']:,.0f} adapter parameters "
+                f"(n={len(uniform[0][1])}), {value_text(check['large'], metric)} at {check['large_params']:,.0f} "
+                f"(n={len(uniform[-1][1])})")
+        p = "" if check["p"] is None else f", Welch p={check['p']:.2g}"
+        if check["binds"] is None:
+            lines.append(f"**Budget sensitivity unknown** ({where}): {ends}; fewer than 2 seeds at an end.")
+        elif check["binds"]:
+            lines.append(f"**Budget binds** ({where}): {ends}{p}: capacity limits uniform here, so allocator "
+                         f"differences can be read.")
+        else:
+            lines.append(f"**Capacity is not binding** ({where}): {ends}{p}, not beyond seed noise: allocator "
+                         f"differences cannot be read from this table.")
+    return lines
+
+
+def savings_tables(curves: dict, fmt: str) -> str:
+    """`--savings`: per table, for each allocator, the adapter parameters it needs to reach uniform's metric at
+    each of uniform's budgets, as a ratio to uniform's (below 1: it saves parameters), with a 95% bootstrap
+    interval over seeds."""
+    blocks, records = [], []
+    for (model, task, metric), by_curve in sorted(curves.items()):
+        uniform = by_curve.get("uniform", [])
+        others = [name for name in sorted(by_curve, key=row_sort_key) if name != "uniform"]
+        if len(uniform) < 2 or not others:
+            continue
+        header = ["allocator"] + [f"uniform {x:,.0f}: {value_text(statistics.mean(v), metric)}" for x, v in uniform]
+        body = []
+        for name in others:
+            rows = comparison.savings(uniform, by_curve[name], metric)
+            smallest, largest = by_curve[name][0][0], by_curve[name][-1][0]
+            body.append([name] + [savings_cell(r, smallest, largest) for r in rows])
+            records += [{"model": model, "task": task, "metric": metric, "allocator": name, **r} for r in rows]
+        blocks.append((f"{model} {task} {metric}", header, body))
+    if fmt == "csv":
+        import csv
+        import io
+
+        out = io.StringIO()
+        fields = ["model", "task", "metric", "allocator", "uniform_params", "target", "params", "ratio", "ratio_low",
+                  "ratio_high"]
+        writer = csv.DictWriter(out, fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        return out.getvalue()
+    legend = ("Parameter savings at equal quality: the adapter parameters each allocator needs to reach uniform's "
+              "mean metric at each of uniform's budgets (interpolated on log parameters between the allocator's "
+              "budgets), as a ratio to uniform's (below 1: fewer parameters), with a 95% percentile bootstrap "
+              "interval over seeds (2,000 resamples); <= x: already reached at the allocator's smallest budget; "
+              "not reached: not within its largest.")
+    lines = []
+    for title, header, body in blocks:
+        if fmt == "latex":
+            lines += [f"% {title}", r"\begin{tabular}{" + "l" * len(header) + "}", " & ".join(header) + r" \\",
+                      *[" & ".join(r).replace("≤", r"$\le$") + r" \\" for r in body], r"\end{tabular}"]
+        else:
+            lines += [f"Savings, {title}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *["| " + " | ".join(r) + " |" for r in body], ""]
+    if not blocks:
+        lines.append("No savings table: it needs uniform at two or more budgets and another allocator.")
+    lines.append(("% " if fmt == "latex" else "") + legend)
+    return "\n".join(lines) + "\n"
+
+
+def savings_cell(r: dict, smallest: float, largest: float) -> str:
+    def ratio(value):
+        if value == comparison.BELOW_SWEEP:
+            return f"≤{smallest / r['uniform_params']:.2f}"
+        return "not reached" if math.isinf(value) else f"{value:.2f}"
+
+    if r["params"] == comparison.BELOW_SWEEP:
+        head = f"≤ {smallest:,.0f} (≤{smallest / r['uniform_params']:.2f}x)"
+    elif math.isinf(r["params"]):
+        head = f"not reached by {largest:,.0f}"
+    else:
+        head = f"{r['params']:,.0f} ({r['ratio']:.2f}x)"
+    return f"{head} [{ratio(r['ratio_low'])}, {ratio(r['ratio_high'])}]"
+
+
+def savings_plots(curves: dict, out_dir: str) -> list[str]:
+    """Metric against adapter parameters, a line per allocator through its seed means, the 95% bootstrap interval
+    of each mean shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for (model, task, metric), by_curve in sorted(curves.items()):
+        if len(by_curve.get("uniform", [])) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in sorted(by_curve, key=row_sort_key):
+            x = [p for p, _ in by_curve[name]]
+            unit = metric_unit(metric)
+            ax.plot(x, [statistics.mean(v) * unit for _, v in by_curve[name]], marker="o", label=name,
+                    linewidth=2.5 if name == "uniform" else 1.5)
+            bands = [comparison.mean_interval(v) for _, v in by_curve[name]]
+            ax.fill_between(x, [lo * unit for lo, _ in bands], [hi * unit for _, hi in bands], alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter parameters")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{model} {task}: {metric} against adapter parameters (95% bootstrap of the mean)", fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, slug("savings", metric, model, task) + ".png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 # --- rendering
 
 def format_cell(c: dict) -> str:
@@ -354,7 +484,7 @@ CSV_FIELDS = ["model", "row", "task", "metric", "budget", "n", "mean", "std", "p
 
 
 def render(cells: list[dict], fmt: str, missing: list[str], paper: str, protocol: str = "",
-           search: list[str] = ()) -> str:
+           search: list[str] = (), capacity: list[str] = ()) -> str:
     if fmt == "csv":
         import csv
         import io
@@ -374,13 +504,15 @@ def render(cells: list[dict], fmt: str, missing: list[str], paper: str, protocol
               f"adapter MiB: fp32 adapter tensors (full FT: the whole model). "
               f"a / b in the last columns: the value in each metric column, left to right, where they differ.")
     if fmt == "markdown":
-        lines = ([protocol, ""] if protocol else []) + ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = ([protocol, ""] if protocol else []) + ([*capacity, ""] if capacity else []) + [
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines + ["", legend, *search] + (["", *missing] if missing else [])) + "\n"
     if fmt == "latex":
         escape = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace(
             "~", r"$\sim$").replace("—", "--")
-        lines = ([f"% {protocol}"] if protocol else []) + [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
+        lines = ([f"% {protocol}"] if protocol else []) + [f"% {line}" for line in capacity] + [
+                 r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
                  " & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
         lines += [" & ".join(escape(x) for x in r) + r" \\" for r in body]
         lines += [r"\bottomrule", r"\end{tabular}", "% " + legend]
@@ -510,6 +642,9 @@ def main(argv=None) -> None:
                         help="whose numbers go beside the cells (auto: 003 when GaLore/AdaRankGrad runs are there)")
     parser.add_argument("--out", help="folder for the report file and plots (default: the first path)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--savings", action="store_true",
+                        help="also the parameters each allocator needs to reach uniform's metric at each budget "
+                             "(savings.{md,tex,csv} and savings_*.png)")
     args = parser.parse_args(argv)
     try:
         runs, missing = find_runs(args.paths)
@@ -520,14 +655,21 @@ def main(argv=None) -> None:
         tuned = tuning_records(args.paths)
         mark_tuned(runs, tuned)
         cells = build_cells(runs, paper)
-        text = render(cells, args.format, missing, paper, protocol_line(runs, tuned), search_table(tuned))
+        curves = comparison.sweep_curves(runs)
+        text = render(cells, args.format, missing, paper, protocol_line(runs, tuned), search_table(tuned),
+                      capacity_lines(runs))
         out_dir = args.out or (args.paths[0] if os.path.isdir(args.paths[0]) else ".")
         os.makedirs(out_dir, exist_ok=True)
         from lorambo.results import write_text_atomic
 
-        write_text_atomic(os.path.join(out_dir, "report." + {"markdown": "md", "latex": "tex", "csv": "csv"}[
-            args.format]), text)
+        suffix = {"markdown": "md", "latex": "tex", "csv": "csv"}[args.format]
+        write_text_atomic(os.path.join(out_dir, "report." + suffix), text)
         plots = [] if args.no_plots else plot_all(cells, out_dir)
+        if args.savings:
+            saved = savings_tables(curves, args.format)
+            write_text_atomic(os.path.join(out_dir, "savings." + suffix), saved)
+            text += "" if args.format == "csv" else "\n" + saved  # stdout stays one CSV table
+            plots += [] if args.no_plots else savings_plots(curves, out_dir)
     except LoramboError as e:
         print(f"lorambo-report: error: {e}", file=sys.stderr)
         sys.exit(2)

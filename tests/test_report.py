@@ -210,3 +210,64 @@ def test_scale_policy_is_a_column_and_splits_rows(tmp_path, template, capsys):
     assert float(rows["gradient_r4 [per_layer]"]["vs_uniform"]) == pytest.approx(-10.0)
     assert rows["frobenius_greedy_r4 [per_layer]"]["scale"] == "per_layer"
     assert rows["lora_r4"]["scale"] == "matched"
+
+
+def fake_sweep(root, template, task, curves):
+    """curves: {allocator: {budget label: (adapter parameters, [accuracy per seed])}}; one run folder per seed."""
+    for allocator, points in curves.items():
+        for budget, (params, values) in points.items():
+            for seed, value in enumerate(values):
+                m = copy.deepcopy(template)
+                m.update(model="minilm", task=task, allocator=allocator, budget=budget, seed=seed, accuracy=value,
+                         adapter_params=params, optimizer="adamw", method="lora", lora_scaling="matched",
+                         reported_metrics=["accuracy"], main_metric="accuracy")
+                run_dir = root / f"{task}_{allocator}_{budget}_s{seed}"
+                run_dir.mkdir()
+                json.dump(m, open(run_dir / "metrics.json", "w"))
+
+
+def test_the_header_says_whether_uniforms_metric_moves_with_the_budget(tmp_path, template, capsys):
+    binds = {"r1": [0.700, 0.712, 0.695], "r8": [0.801, 0.812, 0.790]}
+    flat = {"r1": [0.800, 0.790, 0.812], "r8": [0.805, 0.795, 0.801]}
+    params = {"r1": 41_472, "r8": 331_776}
+    fake_sweep(tmp_path, template, "rt_snippets", {"uniform": {b: (params[b], v) for b, v in binds.items()}})
+    fake_sweep(tmp_path, template, "wiki_pairs", {"uniform": {b: (params[b], v) for b, v in flat.items()}})
+    fake_sweep(tmp_path, template, "qnli", {"uniform": {"r4": (165_888, [0.8, 0.81])},
+                                            "gradient": {"r4": (165_888, [0.8, 0.8]), "r8": (331_776, [0.8, 0.82])}})
+    fake_sweep(tmp_path, template, "mrpc", {"uniform": {"r4": (165_888, [0.8, 0.81])}})   # one budget: no line
+    report_main([str(tmp_path), "--out", str(tmp_path), "--no-plots"])
+    header = capsys.readouterr().out.split("| model")[0]
+    lines = {line.split("(")[1].split(")")[0]: line for line in header.splitlines()
+             if line.startswith(("**Budget", "**Capacity"))}
+    assert set(lines) == {"minilm rt_snippets accuracy", "minilm wiki_pairs accuracy", "minilm qnli accuracy"}
+    assert lines["minilm rt_snippets accuracy"].startswith("**Budget binds**")
+    assert f"p={welch_reference(binds['r8'], binds['r1']):.2g}" in lines["minilm rt_snippets accuracy"]
+    assert "70.23 at 41,472" in lines["minilm rt_snippets accuracy"]
+    assert lines["minilm wiki_pairs accuracy"].startswith("**Capacity is not binding**")
+    assert "cannot be read" in lines["minilm wiki_pairs accuracy"]
+    assert lines["minilm qnli accuracy"].startswith("**Budget sensitivity unknown**")
+
+
+def test_savings_table_and_plot_from_a_sweep_with_a_known_answer(tmp_path, template, capsys):
+    """data_weighted reaches at x what uniform reaches at 2x (accuracy linear in log parameters, seeds symmetric
+    about it): it needs half of uniform's parameters wherever the sweep can tell."""
+    budgets = {"r1": 40_000, "r2": 80_000, "r4": 160_000, "r8": 320_000}
+    curve = lambda x: 0.70 + 0.02 * math.log(x / 40_000)
+    seeds = lambda y: [y - 0.003, y, y + 0.003]
+    fake_sweep(tmp_path, template, "rt_snippets", {
+        "uniform": {b: (x, seeds(curve(x))) for b, x in budgets.items()},
+        "data_weighted": {b: (x, seeds(curve(2 * x))) for b, x in budgets.items()},
+        "frobenius_greedy": {b: (x, seeds(curve(x / 4))) for b, x in budgets.items()}})
+    report_main([str(tmp_path), "--out", str(tmp_path), "--savings"])
+    out = capsys.readouterr().out
+    assert "Savings, minilm rt_snippets accuracy:" in out and open(tmp_path / "savings.md").read() in out
+    table = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "160,000 (0.50x)" in table["data_weighted"] and "80,000 (0.50x)" in table["data_weighted"]
+    assert "≤ 40,000" in table["data_weighted"]                      # uniform's r1 is reached below the sweep
+    assert "160,000 (4.00x)" in table["frobenius_greedy"] and "not reached by 320,000" in table["frobenius_greedy"]
+    assert os.path.exists(tmp_path / "savings_accuracy_minilm_rt_snippets.png")
+    report_main([str(tmp_path), "--out", str(tmp_path), "--savings", "--format", "csv", "--no-plots"])
+    rows = [r for r in csv.DictReader(open(tmp_path / "savings.csv")) if r["allocator"] == "data_weighted"]
+    assert [float(r["ratio"]) for r in rows[2:]] == pytest.approx([0.5, 0.5])
+    assert all(float(r["ratio_low"]) < 0.5 < float(r["ratio_high"]) for r in rows[2:])
+    assert list(csv.DictReader(io.StringIO(capsys.readouterr().out)))[0]["row"]  # stdout: still the one report CSV
