@@ -262,7 +262,8 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
         paper_model = paper_tables.MODEL_ANALOGUE[paper].get(model, model)
         paper_column = (paper_tables.TASK_ANALOGUE.get(column[0], column[0]), column[1],
                         *[paper_tables.BUDGET_ANALOGUE.get(b, b) for b in column[2:]])
-        reference = lookup(paper_model, row.split(" [")[0], paper_column)
+        paper_row = row.split(" [")[0] if paper_model == model else paper_tables.analogue_row(row.split(" [")[0])
+        reference = lookup(paper_model, paper_row, paper_column)
         base = groups.get((model, baseline_row(row), column)) if baseline_row(row) else None
         base_values = [v for _, v in base] if base else []
         runs_here = [m for m, _ in items]
@@ -285,7 +286,7 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
             "step_seconds": statistics.mean(m["step_seconds_median"] for m in runs_here),
             "effective_rank": statistics.mean(m["effective_rank"] for m in runs_here)
             if all("effective_rank" in m for m in runs_here) else None,
-            "paper_memory": paper_tables.paper_memory(paper, paper_model, row.split(" [")[0]),
+            "paper_memory": paper_tables.paper_memory(paper, paper_model, paper_row),
             "scale": " / ".join(sorted({scale_policy(m) or "—" for m in runs_here})),
             "tuned": all(m.get("tuned") for m in runs_here),
             "runs": runs_here,

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from lorambo.allocators.hessian_online import event_steps
 from lorambo.cli import group_options
-from lorambo.config import compose_config, preset_cells
+from lorambo.config import CONF_DIR, compose_config, preset_cells
 from tests.helpers import run_cli
 
 PRESETS = [p for p in group_options("experiment") if p != "smoke"]
@@ -58,6 +58,25 @@ def test_table1_is_paper_000_table1():
                     "table_row=hessian_paper": ("lora", ("hessian_offline", 4, 1.12))}
 
 
+def test_table1_cpu_keeps_the_papers_rows_at_half_their_rank_with_a_budget_axis():
+    cells = preset_cells("table1_cpu")
+    assert axis(cells, "task") == ["rt_snippets", "wiki_pairs"] and axis(cells, "seed") == ["0", "1", "2", "3", "4"]
+    sweeper = OmegaConf.load(os.path.join(CONF_DIR, "experiment", "table1_cpu.yaml")).hydra.sweeper
+    assert sweeper.scalings == ["matched"] and 1.0 in sweeper.lr_factors  # the same search, one scale, every row
+    rows = {}
+    for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in cells}:
+        cfg = compose_config(list(cell))
+        assert cfg.train.epochs == 1 and cfg.train.max_steps is None and cfg.task.max_train_samples == 8454
+        rows[[o for o in cell if o.startswith("table_row=")][0]] = (
+            cfg.method.name, None if cfg.method.name == "full_ft" else
+            (cfg.allocator.name, cfg.budget.rank, cfg.budget.get("scale", 1.0), cfg.allocator.get("sensitivity")))
+    assert rows == {"table_row=full_ft": ("full_ft", None),
+                    "table_row=lora_r2": ("lora", ("uniform", 2, 1.0, None)),
+                    "table_row=hessian_matched_r2": ("lora", ("hessian_offline", 2, 1.0, "fisher_trace")),
+                    "table_row=hessian_paper_r2": ("lora", ("hessian_offline", 2, 1.12, "fisher_trace")),
+                    "table_row=lora_r8": ("lora", ("uniform", 8, 1.0, None))}
+
+
 def test_adarankgrad_rows_set_optimizer_and_rank():
     rows = set()
     for cell in preset_cells("adarankgrad_glue", ["seed=0", "task=rte"]):
@@ -75,7 +94,8 @@ def test_command_line_narrows_a_preset_axis():
     assert len(cells) == 8 * 2 and axis(cells, "budget") == ["r4", "r8"] and axis(cells, "seed") == ["0"]
 
 
-@pytest.mark.parametrize("preset,narrow,jobs", [("table1_cpu", ["seed=0", "task=wiki_pairs"], 4),
+@pytest.mark.parametrize("preset,narrow,jobs", [("table1_cpu", ["seed=0", "task=wiki_pairs",
+                                                                "hydra.sweeper.lr_factors=[1.0]"], 5),
                                                  ("adarankgrad_cpu", ["seed=0", "task=rt_snippets"], 7)])
 def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path):
     """The CPU preset as shipped (real MiniLM, real data), cut to 2 steps and 32 examples so it fits a test."""
