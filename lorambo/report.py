@@ -384,8 +384,9 @@ def savings_tables(curves: dict, fmt: str) -> str:
     lines = []
     for title, header, body in blocks:
         if fmt == "latex":
-            lines += [f"% {title}", r"\begin{tabular}{" + "l" * len(header) + "}", " & ".join(header) + r" \\",
-                      *[" & ".join(r).replace("≤", r"$\le$") + r" \\" for r in body], r"\end{tabular}"]
+            lines += [f"% {title}", r"\begin{tabular}{" + "l" * len(header) + "}",
+                      " & ".join(map(latex_escape, header)) + r" \\",
+                      *[" & ".join(map(latex_escape, r)) + r" \\" for r in body], r"\end{tabular}"]
         else:
             lines += [f"Savings, {title}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                       *["| " + " | ".join(r) + " |" for r in body], ""]
@@ -444,6 +445,11 @@ def savings_plots(curves: dict, out_dir: str) -> list[str]:
 
 
 # --- rendering
+
+def latex_escape(s: str) -> str:
+    return s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("~", r"$\sim$").replace(
+        "—", "--").replace("≤", r"$\le$")
+
 
 def format_cell(c: dict) -> str:
     text = f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if c["n"] > 1 else "") + f" (n={c['n']})"
@@ -510,12 +516,10 @@ def render(cells: list[dict], fmt: str, missing: list[str], paper: str, protocol
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines + ["", legend, *search] + (["", *missing] if missing else [])) + "\n"
     if fmt == "latex":
-        escape = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace(
-            "~", r"$\sim$").replace("—", "--")
         lines = ([f"% {protocol}"] if protocol else []) + [f"% {line}" for line in capacity] + [
                  r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
-                 " & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
-        lines += [" & ".join(escape(x) for x in r) + r" \\" for r in body]
+                 " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(latex_escape(x) for x in r) + r" \\" for r in body]
         lines += [r"\bottomrule", r"\end{tabular}", "% " + legend]
         return "\n".join(lines + ["% " + line for line in search if line] + ["% " + m for m in missing]) + "\n"
     raise LoramboError(f"unknown --format '{fmt}'; use markdown, latex or csv")

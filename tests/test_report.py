@@ -273,3 +273,6 @@ def test_savings_table_and_plot_from_a_sweep_with_a_known_answer(tmp_path, templ
     assert [float(r["ratio"]) for r in rows[2:]] == pytest.approx([0.5, 0.5])
     assert all(float(r["ratio_low"]) < 0.5 < float(r["ratio_high"]) for r in rows[2:])
     assert list(csv.DictReader(io.StringIO(capsys.readouterr().out)))[0]["row"]  # stdout: still the one report CSV
+    report_main([str(tmp_path), "--out", str(tmp_path), "--savings", "--format", "latex", "--no-plots"])
+    latex = open(tmp_path / "savings.tex").read()
+    assert r"data\_weighted & $\le$ 40,000" in latex and "\\end{tabular}" in latex
