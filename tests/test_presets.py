@@ -77,6 +77,27 @@ def test_table1_cpu_keeps_the_papers_rows_at_half_their_rank_with_a_budget_axis(
                     "table_row=lora_r8": ("lora", ("uniform", 8, 1.0, None))}
 
 
+def sweeper_of(preset):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    return {k: v for k, v in OmegaConf.to_container(cfg.hydra.sweeper).items() if k != "params"}
+
+
+def test_allocators_cpu_runs_the_baselines_under_table1_cpus_protocol():
+    """Its rows are read beside table1_cpu's uniform and Hessian rows: everything but the allocator must match."""
+    cells = preset_cells("allocators_cpu")
+    assert axis(cells, "table_row") == ["adalora", "data_weighted", "eva", "gora"] and axis(cells, "budget") == ["r2"]
+    assert axis(cells, "task") == ["rt_snippets"] and len(axis(cells, "seed")) == 5
+    assert sweeper_of("allocators_cpu") == sweeper_of("table1_cpu")
+    ours = compose_config(["experiment=allocators_cpu", "table_row=gora", "budget=r2", "task=rt_snippets"])
+    theirs = compose_config(["experiment=table1_cpu", "table_row=lora_r2", "task=rt_snippets"])
+    for key in ("train", "task", "lora", "sensitivity", "model"):
+        assert ours[key] == theirs[key], key
+    assert ours.budget == theirs.budget
+
+
 def test_adarankgrad_rows_set_optimizer_and_rank():
     rows = set()
     for cell in preset_cells("adarankgrad_glue", ["seed=0", "task=rte"]):
