@@ -85,17 +85,23 @@ def sweeper_of(preset):
     return {k: v for k, v in OmegaConf.to_container(cfg.hydra.sweeper).items() if k != "params"}
 
 
-def test_allocators_cpu_runs_the_baselines_under_table1_cpus_protocol():
-    """Its rows are read beside table1_cpu's uniform and Hessian rows: everything but the allocator must match."""
-    cells = preset_cells("allocators_cpu")
-    assert axis(cells, "table_row") == ["adalora", "data_weighted", "eva", "gora"] and axis(cells, "budget") == ["r2"]
-    assert axis(cells, "task") == ["rt_snippets"] and len(axis(cells, "seed")) == 5
-    assert sweeper_of("allocators_cpu") == sweeper_of("table1_cpu")
-    ours = compose_config(["experiment=allocators_cpu", "table_row=gora", "budget=r2", "task=rt_snippets"])
-    theirs = compose_config(["experiment=table1_cpu", "table_row=lora_r2", "task=rt_snippets"])
-    for key in ("train", "task", "lora", "sensitivity", "model"):
-        assert ours[key] == theirs[key], key
-    assert ours.budget == theirs.budget
+@pytest.mark.parametrize("preset,rows,tasks", [
+    ("allocators_cpu", ["adalora", "data_weighted", "eva", "gora"], ["rt_snippets"]),
+    ("adarankgrad_cpu", ["adarankgrad_r2", "adarankgrad_r4", "galore_r2", "galore_r4", "lora_r4"],
+     ["rt_snippets", "wiki_pairs"])])
+def test_presets_read_beside_table1_cpu_share_its_protocol(preset, rows, tasks):
+    """Their rows are read beside table1_cpu's (uniform r2 and r8, Hessian, full FT): all but the row must match."""
+    cells = preset_cells(preset)
+    assert axis(cells, "table_row") == rows and axis(cells, "task") == tasks and len(axis(cells, "seed")) == 5
+    assert sweeper_of(preset) == sweeper_of("table1_cpu")
+    for task in tasks:
+        ours = compose_config([f"experiment={preset}", f"table_row={rows[0]}", f"task={task}",
+                               *[o for o in cells[0] if o.startswith("budget=")]])
+        theirs = compose_config(["experiment=table1_cpu", "table_row=lora_r2", f"task={task}"])
+        for key in ("train", "task", "lora", "sensitivity", "model"):
+            if key == "train":  # the row's own learning rate (full FT's for GaLore, AdaRankGrad) is the search's start
+                ours.train.lr = theirs.train.lr
+            assert ours[key] == theirs[key], key
 
 
 def test_adarankgrad_rows_set_optimizer_and_rank():
@@ -117,7 +123,8 @@ def test_command_line_narrows_a_preset_axis():
 
 @pytest.mark.parametrize("preset,narrow,jobs", [("table1_cpu", ["seed=0", "task=wiki_pairs",
                                                                 "hydra.sweeper.lr_factors=[1.0]"], 5),
-                                                 ("adarankgrad_cpu", ["seed=0", "task=rt_snippets"], 7)])
+                                                 ("adarankgrad_cpu", ["seed=0", "task=rt_snippets",
+                                                                      "hydra.sweeper.lr_factors=[1.0]"], 5)])
 def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path):
     """The CPU preset as shipped (real MiniLM, real data), cut to 2 steps and 32 examples so it fits a test."""
     result = run_cli([f"experiment={preset}", *narrow, "train.max_steps=2", "task.max_train_samples=64",
