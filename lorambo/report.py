@@ -18,8 +18,7 @@ import sys
 
 import yaml
 
-from lorambo import paper_tables
-from lorambo import comparison
+from lorambo import comparison, paper_tables
 from lorambo.comparison import welch_p
 from lorambo.config import CONF_DIR
 from lorambo.errors import LoramboError
