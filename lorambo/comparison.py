@@ -1,6 +1,6 @@
 """Statistics of a comparison between table rows: Welch's test over seeds; and what a budget sweep says about
-allocation: does uniform's metric move with the budget at all (if not, capacity
-does not bind and no allocator can show anything), and how many adapter parameters each allocator needs to reach
+allocation: does uniform's metric move with the budget at all (if not, capacity does not bind and no allocator
+can show anything), and how many adapter parameters each allocator needs to reach
 uniform's metric at each of uniform's budgets (parameter savings at equal quality).
 
 Pure functions over run records (report.load_run's dicts); report.py prints and draws them. Hand-written: no
@@ -115,9 +115,7 @@ def savings(uniform: list[tuple[float, list[float]]], other: list[tuple[float, l
         draws.append(needed([resample(v) for _, v in uniform], [resample(v) for _, v in other]))
     rows = []
     for j, (u_params, u_values) in enumerate(uniform):
-        ratios = sorted(d[j] / u_params for d in draws)
-        lo = ratios[math.floor((1 - level) / 2 * (resamples - 1))]
-        hi = ratios[math.ceil((1 + level) / 2 * (resamples - 1))]
+        lo, hi = percentile_interval([d[j] / u_params for d in draws], level)
         rows.append({"uniform_params": u_params, "target": statistics.mean(u_values), "params": point[j],
                      "ratio": point[j] / u_params, "ratio_low": lo, "ratio_high": hi})
     return rows
@@ -126,5 +124,12 @@ def savings(uniform: list[tuple[float, list[float]]], other: list[tuple[float, l
 def mean_interval(values: list[float], resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple:
     """Percentile bootstrap interval of the mean over seeds (the shaded band of the savings plot)."""
     rng = random.Random(seed)
-    means = sorted(statistics.mean(rng.choice(values) for _ in values) for _ in range(resamples))
-    return means[math.floor((1 - level) / 2 * (resamples - 1))], means[math.ceil((1 + level) / 2 * (resamples - 1))]
+    return percentile_interval([statistics.mean(rng.choice(values) for _ in values) for _ in range(resamples)], level)
+
+
+def percentile_interval(draws: list[float], level: float) -> tuple[float, float]:
+    """The central `level` interval of bootstrap draws, by order statistics (draws may be 0 or inf: below the sweep,
+    not reached)."""
+    draws = sorted(draws)
+    n = len(draws) - 1
+    return draws[math.floor((1 - level) / 2 * n)], draws[math.ceil((1 + level) / 2 * n)]

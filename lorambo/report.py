@@ -311,7 +311,7 @@ def value_text(value: float, metric: str) -> str:
     return f"{value * metric_unit(metric):.2f}"
 
 
-def capacity_lines(runs: list[dict]) -> list[str]:
+def capacity_lines(runs: list[dict], curves: dict) -> list[str]:
     """One line per table (model, task, metric) with two or more budgets: does uniform's metric move between its
     smallest and largest budget beyond seed noise? If not, capacity does not bind and the allocator rows cannot
     be read as a ranking."""
@@ -321,7 +321,7 @@ def capacity_lines(runs: list[dict]) -> list[str]:
             for metric in m["reported_metrics"]:
                 budgets.setdefault((m["model"], m["task"], metric), set()).add(m["budget"])
     lines = []
-    for (model, task, metric), by_curve in sorted(comparison.sweep_curves(runs).items()):
+    for (model, task, metric), by_curve in sorted(curves.items()):
         if len(budgets[(model, task, metric)]) < 2:
             continue
         where = f"{model} {task} {metric}"
@@ -661,7 +661,7 @@ def main(argv=None) -> None:
         cells = build_cells(runs, paper)
         curves = comparison.sweep_curves(runs)
         text = render(cells, args.format, missing, paper, protocol_line(runs, tuned), search_table(tuned),
-                      capacity_lines(runs))
+                      capacity_lines(runs, curves))
         out_dir = args.out or (args.paths[0] if os.path.isdir(args.paths[0]) else ".")
         os.makedirs(out_dir, exist_ok=True)
         from lorambo.results import write_text_atomic
