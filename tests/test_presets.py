@@ -77,6 +77,28 @@ def test_table1_cpu_keeps_the_papers_rows_at_half_their_rank_with_a_budget_axis(
                     "table_row=lora_r8": ("lora", ("uniform", 8, 1.0, None))}
 
 
+def test_table2_vision_cpu_keeps_the_papers_rows_and_budget_ratio_at_ranks_that_bind():
+    """Uniform r2 and r4's exact parameters on the model as built (the paper's 6M:12M), one epoch, the paper's
+    five allocators plus GoRA, table1_cpu's search, the chosen curvature statistic (not the paper's Tr(H))."""
+    from lorambo.allocators.uniform import uniform_cost
+    from lorambo.budget import budget_label
+    from lorambo.models import adaptable_layers, build_model
+    from lorambo.paper_tables import BUDGET_ANALOGUE
+
+    cells = preset_cells("table2_vision_cpu")
+    assert axis(cells, "allocator") == sorted(["uniform", "frobenius_greedy", "hessian_offline", "hessian_online",
+                                               "data_weighted", "gora"])
+    assert len(axis(cells, "seed")) == 5 and sweeper_of("table2_vision_cpu") == sweeper_of("table1_cpu")
+    cfg = compose_config(["experiment=table2_vision_cpu", "model.pretrain=null"])
+    assert cfg.train.epochs == 1 and cfg.train.max_steps is None and cfg.sensitivity.curvature == "fisher_trace"
+    layers = adaptable_layers(build_model(cfg.model, cfg.task, None), cfg.model.target_modules)
+    p_max = sorted(int(b) for b in axis(cells, "budget.p_max"))
+    assert p_max == [uniform_cost(layers, 2), uniform_cost(layers, 4)]
+    labels = [budget_label(compose_config(["experiment=table2_vision_cpu", f"budget.p_max={p}"]).budget)
+              for p in p_max]
+    assert [BUDGET_ANALOGUE[label] for label in labels] == ["6M", "12M"]
+
+
 def sweeper_of(preset):
     from hydra import compose, initialize_config_dir
 
