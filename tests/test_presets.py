@@ -71,6 +71,8 @@ def test_table1_cpu_keeps_the_papers_rows_at_half_their_rank_with_a_budget_axis(
             cfg.method.name, None if cfg.method.name == "full_ft" else
             (cfg.allocator.name, cfg.budget.rank, cfg.budget.get("scale", 1.0), cfg.allocator.get("sensitivity")))
     assert rows == {"table_row=full_ft": ("full_ft", None),
+                    "table_row=lora_r1": ("lora", ("uniform", 1, 1.0, None)),
+                    "table_row=hessian_r1x1.5": ("lora", ("hessian_offline", 1, 1.5, "fisher_trace")),
                     "table_row=lora_r2": ("lora", ("uniform", 2, 1.0, None)),
                     "table_row=hessian_matched_r2": ("lora", ("hessian_offline", 2, 1.0, "fisher_trace")),
                     "table_row=hessian_paper_r2": ("lora", ("hessian_offline", 2, 1.12, "fisher_trace")),
