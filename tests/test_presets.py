@@ -110,7 +110,7 @@ def sweeper_of(preset):
 
 
 @pytest.mark.parametrize("preset,rows,tasks", [
-    ("allocators_cpu", ["adalora", "data_weighted", "eva", "gora"], ["rt_snippets"]),
+    ("allocators_cpu", ["adalora", "data_weighted", "eva", "gora"], ["wiki_pairs"]),
     ("adarankgrad_cpu", ["adarankgrad_r2", "adarankgrad_r4", "galore_r2", "galore_r4", "lora_r4"],
      ["rt_snippets", "wiki_pairs"])])
 def test_presets_read_beside_table1_cpu_share_its_protocol(preset, rows, tasks):
@@ -126,6 +126,14 @@ def test_presets_read_beside_table1_cpu_share_its_protocol(preset, rows, tasks):
             if key == "train":  # the row's own learning rate (full FT's for GaLore, AdaRankGrad) is the search's start
                 ours.train.lr = theirs.train.lr
             assert ours[key] == theirs[key], key
+
+
+def test_allocators_cpu_rows_share_the_budget_of_table1_cpus_row_between_r1_and_r2():
+    """Read against table1_cpu's Hessian row at 1.5 x r1 and uniform's r1-r2 curve: the same budget, whatever row."""
+    theirs = compose_config(["experiment=table1_cpu", "table_row=hessian_r1x1.5", "task=wiki_pairs"])
+    assert (theirs.budget.rank, theirs.budget.scale) == (1, 1.5)
+    for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in preset_cells("allocators_cpu")}:
+        assert compose_config(list(cell)).budget == theirs.budget, cell
 
 
 def test_adarankgrad_rows_set_optimizer_and_rank():
