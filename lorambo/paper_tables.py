@@ -39,10 +39,10 @@ MODEL_ANALOGUE = {  # paper -> {model here: model in the paper}
     "000": {"minilm": "bert", "small_gpt2_wiki": "gpt2", "small_resnet_fmnist": "resnet50"},
     "003": {"minilm": "roberta"},
 }
-# Issue 5's stand-ins kept the paper's share of full rank; issue 17's vision stand-in keeps only its ratio (2:1),
-# at uniform r2 and r4.
+# Issue 5's stand-ins kept the paper's share of full rank; issue 17's vision and LM stand-ins keep only its ratio
+# (2:1), at uniform r2 and r4.
 BUDGET_ANALOGUE = {"0.444M": "12M", "0.889M": "24M", "2.18M": "6M", "4.36M": "12M",
-                   "0.04605M": "6M", "0.0921M": "12M"}
+                   "0.04605M": "6M", "0.0921M": "12M", "0.032768M": "12M", "0.065536M": "24M"}
 TASK_ANALOGUE = {"rt_snippets": "sst2", "wiki_pairs": "qnli", "wiki_adapt": "wikitext103",
                  "fmnist_adapt": "imagenet1k"}
 # The CPU tables' rank budgets are half the papers' (r2 and r4 for their r4 and r8, issue 17), so that the budget
