@@ -189,6 +189,9 @@ def _classification_task(task_cfg, raw, tokenizer) -> TaskData:
     return TaskData(train, evals, DataCollatorWithPadding(tokenizer))
 
 
+MAP_BATCH = 1000  # documents per tokenisation batch of a causal LM task
+
+
 def _lm_task(task_cfg, raw, tokenizer) -> TaskData:
     """Causal LM: tokenize, concatenate, cut into blocks of max_length; labels are the inputs (the model shifts)."""
     from transformers import default_data_collator
@@ -203,9 +206,18 @@ def _lm_task(task_cfg, raw, tokenizer) -> TaskData:
         return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": blocks}
 
     def prepare(split, limit):
-        ds = raw[split]
-        ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names)
-        return _subsample(ds, limit).with_format("torch")
+        # blocks never cross a map batch (each batch's remainder is dropped), so the first `limit` blocks need only
+        # the first documents, in whole batches: tokenize more of them, four times as many each time, until enough
+        from datasets import concatenate_datasets
+
+        ds, parts, done, docs = raw[split], [], 0, MAP_BATCH
+        while True:
+            end = min(docs, len(ds)) if limit else len(ds)
+            parts.append(ds.select(range(done, end)).map(encode, batched=True, batch_size=MAP_BATCH,
+                                                         remove_columns=ds.column_names))
+            done, docs = end, docs * 4
+            if not limit or sum(len(p) for p in parts) >= limit or done == len(ds):
+                return _subsample(concatenate_datasets(parts), limit).with_format("torch")
 
     train = prepare(task_cfg.get("train_split", "train"), task_cfg.get("max_train_samples"))
     evals = {name: prepare(split, task_cfg.get("max_eval_samples")) for name, split in _eval_split_names(task_cfg).items()}
