@@ -177,7 +177,7 @@ def test_command_line_narrows_a_preset_axis():
 
 
 @pytest.mark.parametrize("preset,narrow,jobs", [("table1_cpu", ["seed=0", "task=wiki_pairs",
-                                                                "hydra.sweeper.lr_factors=[1.0]"], 5),
+                                                                "hydra.sweeper.lr_factors=[1.0]"], 7),
                                                  ("adarankgrad_cpu", ["seed=0", "task=rt_snippets",
                                                                       "hydra.sweeper.lr_factors=[1.0]"], 5)])
 def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path):
