@@ -2,13 +2,14 @@
 lorambo.allocate.write_allocation_for_peft."""
 
 import fcntl
+import json
 import os
 import sys
 import traceback
 from contextlib import contextmanager
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import lorambo  # noqa: F401  (torchvision fix before anything imports it)
@@ -89,6 +90,18 @@ def run_folder(run_dir: str, resuming: bool):
         yield
 
 
+def finished_metrics(run_dir: str, cfg) -> dict | None:
+    """The metrics of a finished run in `run_dir` whose resolved config is `cfg`'s (skip_finished aside), else None."""
+    metrics_path, config_path = (os.path.join(run_dir, n) for n in ("metrics.json", "config_resolved.yaml"))
+    if not (os.path.exists(metrics_path) and os.path.exists(config_path)):
+        return None
+    same = lambda c: {k: v for k, v in c.items() if k != "skip_finished"}
+    if same(OmegaConf.to_container(OmegaConf.load(config_path))) != same(OmegaConf.to_container(cfg, resolve=True)):
+        return None
+    with open(metrics_path) as f:
+        return json.load(f)
+
+
 def check_resume_alone(argv: list[str]) -> None:
     """`resume=DIR` continues a run with the config it was started with: another override would be ignored."""
     if not any(a.startswith("resume=") and a != "resume=null" for a in argv):
@@ -128,6 +141,10 @@ def _main(cfg: DictConfig) -> float | None:
 
             cfg = resume_config(cfg.resume)
             run_dir = cfg.resume
+        finished = finished_metrics(run_dir, cfg) if cfg.get("skip_finished") else None
+        if finished:
+            print(f"finished before, not run again (skip_finished): {run_dir}")
+            return finished[finished["main_metric"]]
         with run_folder(run_dir, resuming=bool(cfg.get("resume"))):
             try:
                 metrics = run(cfg, run_dir)

@@ -107,6 +107,7 @@ class Task(BaseModel):
 class Run(Section):
     seed: int = Field(ge=0)
     resume: str | None = None
+    skip_finished: bool = False
     model: dict  # the groups checked elsewhere: model and logger by their use, method and allocator by their
     logger: dict  # own options (lorambo/methods, lorambo/allocation.py), the optimizer by its constructor
     optimizer: dict

@@ -73,3 +73,19 @@ def test_bad_input_is_one_line_no_traceback_no_result(case, tmp_path, monkeypatc
     errors = [line for line in err.splitlines() if line.startswith("lorambo-run: error:")]
     assert len(errors) == 1 and message in errors[0], err[-2000:]
     assert completed_runs(tmp_path) == []
+
+
+def test_skip_finished_continues_a_sweep_without_rerunning_its_finished_runs(tmp_path, monkeypatch, capfd):
+    """A sweep restarted into its folder with skip_finished=true runs only what did not finish, and a run of
+    another config in the same folder is not mistaken for a finished one."""
+    args = ["-m", "experiment=smoke", "logger=none", "train.max_steps=2", "seed=0,1", "hydra.sweep.dir=sweep"]
+    assert run_main(args, tmp_path, monkeypatch, capfd)[0] == 0
+    first, second = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    os.remove(second)  # as if the sweep had stopped before its second run finished
+    stamp = first.stat().st_mtime_ns
+    code, out, _ = run_main([*args, "skip_finished=true"], tmp_path, monkeypatch, capfd)
+    assert code == 0 and out.count("not run again") == 1 and second.exists()
+    assert first.stat().st_mtime_ns == stamp  # the finished run was left as it was
+    code, out, _ = run_main([*args, "skip_finished=true", "train.max_steps=3"], tmp_path, monkeypatch, capfd)
+    assert code == 0 and "not run again" not in out  # another config: both run
+    assert json.loads(first.read_text())["steps"] == 3
