@@ -79,49 +79,31 @@ def test_table1_cpu_keeps_the_papers_rows_at_half_their_rank_with_a_budget_axis(
                     "table_row=lora_r8": ("lora", ("uniform", 8, 1.0, None))}
 
 
-def test_table2_vision_cpu_keeps_the_papers_rows_and_budget_ratio_at_ranks_that_bind():
-    """Uniform r2 and r4's exact parameters on the model as built (the paper's 6M:12M), one epoch, the paper's
-    five allocators plus GoRA, table1_cpu's search, the chosen curvature statistic (not the paper's Tr(H))."""
-    from lorambo.allocators.uniform import uniform_cost
-    from lorambo.budget import budget_label
-    from lorambo.models import adaptable_layers, build_model
-    from lorambo.paper_tables import BUDGET_ANALOGUE
-
-    cells = preset_cells("table2_vision_cpu")
-    assert axis(cells, "allocator") == sorted(["uniform", "frobenius_greedy", "hessian_offline", "hessian_online",
-                                               "data_weighted", "gora"])
-    assert len(axis(cells, "seed")) == 5 and sweeper_of("table2_vision_cpu") == sweeper_of("table1_cpu")
-    cfg = compose_config(["experiment=table2_vision_cpu", "model.pretrain=null"])
-    assert cfg.train.epochs == 1 and cfg.train.max_steps is None and cfg.sensitivity.curvature == "fisher_trace"
-    layers = adaptable_layers(build_model(cfg.model, cfg.task, None), cfg.model.target_modules)
-    p_max = sorted(int(b) for b in axis(cells, "budget.p_max"))
-    assert p_max == [uniform_cost(layers, 2), uniform_cost(layers, 4)]
-    labels = [budget_label(compose_config(["experiment=table2_vision_cpu", f"budget.p_max={p}"]).budget)
-              for p in p_max]
-    assert [BUDGET_ANALOGUE[label] for label in labels] == ["6M", "12M"]
-
-
-def test_table2_lm_cpu_keeps_the_papers_rows_and_budget_ratio_at_ranks_that_bind():
-    """Uniform r2 and r4's exact parameters on the small GPT-2 as built (the paper's 12M:24M), the paper's five
-    allocators, table1_cpu's search, 5 seeds, the chosen curvature statistic (not the paper's Tr(H))."""
+@pytest.mark.parametrize("preset,allocators,length,columns", [
+    ("table2_vision_cpu", ["uniform", "frobenius_greedy", "hessian_offline", "hessian_online", "data_weighted",
+                           "gora"], ("epochs", 1), ["6M", "12M"]),
+    ("table2_lm_cpu", ["uniform", "frobenius_greedy", "hessian_offline", "hessian_online", "data_weighted"],
+     ("max_steps", 80), ["12M", "24M"])])
+def test_table2_cpu_keeps_the_papers_rows_and_budget_ratio_at_ranks_that_bind(preset, allocators, length, columns):
+    """Uniform r2 and r4's exact parameters on the model as built (the paper's 1:2 budgets), the paper's allocators
+    (vision: plus GoRA), table1_cpu's search, 5 seeds, the chosen curvature statistic (not the paper's Tr(H))."""
     from lorambo.allocators.uniform import uniform_cost
     from lorambo.budget import budget_label
     from lorambo.models import adaptable_layers, build_model, build_tokenizer
     from lorambo.paper_tables import BUDGET_ANALOGUE
 
-    cells = preset_cells("table2_lm_cpu")
-    assert axis(cells, "allocator") == sorted(["uniform", "frobenius_greedy", "hessian_offline", "hessian_online",
-                                               "data_weighted"])
-    assert len(axis(cells, "seed")) == 5 and sweeper_of("table2_lm_cpu") == sweeper_of("table1_cpu")
-    cfg = compose_config(["experiment=table2_lm_cpu", "model.pretrain=null"])
-    assert cfg.train.max_steps == 80 and cfg.sensitivity.curvature == "fisher_trace"
-    model = build_model(cfg.model, cfg.task, build_tokenizer(cfg.model))
-    layers = adaptable_layers(model, cfg.model.target_modules)
+    cells = preset_cells(preset)
+    assert axis(cells, "allocator") == sorted(allocators)
+    assert len(axis(cells, "seed")) == 5 and sweeper_of(preset) == sweeper_of("table1_cpu")
+    cfg = compose_config([f"experiment={preset}", "model.pretrain=null"])
+    assert cfg.train[length[0]] == length[1] and cfg.sensitivity.curvature == "fisher_trace"
+    if length[0] == "epochs":
+        assert cfg.train.max_steps is None
+    layers = adaptable_layers(build_model(cfg.model, cfg.task, build_tokenizer(cfg.model)), cfg.model.target_modules)
     p_max = sorted(int(b) for b in axis(cells, "budget.p_max"))
     assert p_max == [uniform_cost(layers, 2), uniform_cost(layers, 4)]
-    labels = [budget_label(compose_config(["experiment=table2_lm_cpu", f"budget.p_max={p}"]).budget)
-              for p in p_max]
-    assert [BUDGET_ANALOGUE[label] for label in labels] == ["12M", "24M"]
+    labels = [budget_label(compose_config([f"experiment={preset}", f"budget.p_max={p}"]).budget) for p in p_max]
+    assert [BUDGET_ANALOGUE[label] for label in labels] == columns
 
 
 def sweeper_of(preset):
