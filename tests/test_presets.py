@@ -117,7 +117,7 @@ def sweeper_of(preset):
 @pytest.mark.parametrize("preset,rows,tasks", [
     ("allocators_cpu", ["adalora", "data_weighted", "eva", "gora"], ["wiki_pairs"]),
     ("adarankgrad_cpu", ["adarankgrad_r2", "adarankgrad_r4", "galore_r2", "galore_r4", "lora_r4"],
-     ["rt_snippets", "wiki_pairs"])])
+     ["wiki_pairs"])])
 def test_presets_read_beside_table1_cpu_share_its_protocol(preset, rows, tasks):
     """Their rows are read beside table1_cpu's (uniform r2 and r8, Hessian, full FT): all but the row must match."""
     cells = preset_cells(preset)
@@ -160,7 +160,7 @@ def test_command_line_narrows_a_preset_axis():
 
 @pytest.mark.parametrize("preset,narrow,jobs", [("table1_cpu", ["seed=0", "task=wiki_pairs",
                                                                 "hydra.sweeper.lr_factors=[1.0]"], 7),
-                                                 ("adarankgrad_cpu", ["seed=0", "task=rt_snippets",
+                                                 ("adarankgrad_cpu", ["seed=0",
                                                                       "hydra.sweeper.lr_factors=[1.0]"], 5)])
 def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path):
     """The CPU preset as shipped (real MiniLM, real data), cut to 2 steps and 32 examples so it fits a test."""
