@@ -18,6 +18,42 @@ FAMILY_TASK_TYPES = {
 }
 
 
+AUTO = "auto"  # model.family / target_modules / head_modules: found from the model itself (model=hf)
+
+
+def resolve_family(cfg) -> None:
+    """model.family=auto: the family the task needs, checked against the model's own config (read without its
+    weights): a causal LM for a language-modelling task, else a sequence classifier (encoder-decoder: "t5")."""
+    if cfg.model.family != AUTO:
+        return
+    config = hf_config(cfg.model)
+    if cfg.task.type == "lm":
+        if config.is_encoder_decoder:
+            raise LoramboError(f"task '{cfg.task.name}' (lm) needs a decoder-only model; model.pretrained="
+                               f"'{cfg.model.pretrained}' is an encoder-decoder ({config.model_type})")
+        cfg.model.family = "causal_lm"
+    elif cfg.task.type in ("classification", "regression"):
+        cfg.model.family = "t5" if config.is_encoder_decoder else "encoder"
+    else:
+        raise LoramboError(f"task '{cfg.task.name}' ({cfg.task.type}) needs a vision model; model "
+                           f"'{cfg.model.name}' is a Hugging Face text model")
+
+
+def hf_config(model_cfg):
+    """The transformers config of `pretrained` (hub id or local folder) or of `hf_config` (no download)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    if model_cfg.pretrained:
+        try:
+            return AutoConfig.from_pretrained(model_cfg.pretrained)
+        except (OSError, ValueError) as e:
+            raise LoramboError(f"cannot load model.pretrained='{model_cfg.pretrained}': {str(e).splitlines()[0]}")
+    # to_container: a list value (DeBERTa's pos_att_type) must reach transformers as a list, not a ListConfig
+    settings = OmegaConf.to_container(model_cfg.hf_config, resolve=True)
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
 def check_model_fits_task(model_cfg, task_cfg) -> None:
     if model_cfg.family not in FAMILY_TASK_TYPES:
         raise LoramboError(f"model.family '{model_cfg.family}' unknown; use one of {sorted(FAMILY_TASK_TYPES)}")
@@ -63,19 +99,25 @@ def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
     if model_cfg.pretrained:
         try:
             model = auto.from_pretrained(model_cfg.pretrained, **extra)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: transformers has no such head for this architecture
             raise LoramboError(f"cannot load model.pretrained='{model_cfg.pretrained}': {str(e).splitlines()[0]}")
     else:
-        hf_config = dict(model_cfg.hf_config)
-        model_type = hf_config.pop("model_type")
+        from omegaconf import OmegaConf
+
+        # to_container: a list value (DeBERTa's pos_att_type) must reach transformers as a list
+        settings = OmegaConf.to_container(model_cfg.hf_config, resolve=True)
+        model_type = settings.pop("model_type")
         if tokenizer is not None:  # a config-built model shares the tokenizer's vocabulary and specials
-            hf_config.setdefault("vocab_size", len(tokenizer))
-            hf_config.setdefault("pad_token_id", tokenizer.pad_token_id)
+            settings.setdefault("vocab_size", len(tokenizer))
+            settings.setdefault("pad_token_id", tokenizer.pad_token_id)
             if model_cfg.family == "t5":
-                hf_config.setdefault("eos_token_id", tokenizer.sep_token_id or tokenizer.eos_token_id)
-                hf_config.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
-        config = AutoConfig.for_model(model_type, **hf_config, **extra)
-        model = auto.from_config(config)
+                settings.setdefault("eos_token_id", tokenizer.sep_token_id or tokenizer.eos_token_id)
+                settings.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
+        config = AutoConfig.for_model(model_type, **settings, **extra)
+        try:
+            model = auto.from_config(config)
+        except ValueError as e:  # transformers has no such head for this architecture
+            raise LoramboError(f"model '{model_cfg.name}' ({model_type}): {str(e).splitlines()[0]}")
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -97,9 +139,12 @@ def _build_timm(model_cfg, task_cfg) -> nn.Module:
 
 
 def adaptable_layers(model: nn.Module, target_modules: str) -> list[LayerSpec]:
-    """Every Linear, GPT-2 Conv1D or Conv2d whose full name matches the model config's regex."""
+    """Every Linear, GPT-2 Conv1D or Conv2d whose full name matches the model config's regex (auto: those inside
+    the transformer blocks, found_target_modules)."""
     from transformers.pytorch_utils import Conv1D
 
+    if target_modules == AUTO:
+        target_modules = found_target_modules(model, type(model).__name__)
     pattern = re.compile(target_modules)
     layers = []
     for name, module in model.named_modules():
@@ -117,6 +162,67 @@ def adaptable_layers(model: nn.Module, target_modules: str) -> list[LayerSpec]:
     if not layers:
         raise LoramboError(f"model.target_modules '{target_modules}' matches no Linear/Conv layer of the model")
     return layers
+
+
+# Mixture-of-experts routers (Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate and shared_expert_gate,
+# Switch's router.classifier): Linear layers inside the blocks whose outputs pick experts, not features.
+ROUTER = re.compile(r"(^|\.)(router|gate|shared_expert_gate)(\.|$)")
+
+
+def block_stacks(model: nn.Module) -> list[str]:
+    """The transformer's stacks of repeated blocks: the outermost nn.ModuleLists whose items are all of one class
+    (BERT's encoder.layer, GPT-2's h, Llama's model.layers, T5's encoder.block and decoder.block)."""
+    stacks = []
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1
+                and not any(name.startswith(s + ".") for s in stacks)):
+            stacks.append(name)
+    return stacks
+
+
+def found_target_modules(model: nn.Module, model_name: str) -> str:
+    """target_modules=auto: every Linear/Conv1D inside the block stacks, routers excluded (heads, embeddings
+    and the LM head lie outside the stacks), as a regex with each block's index generalised (`\\d+`), or the
+    exact names where the generalised one would match more."""
+    from transformers.pytorch_utils import Conv1D
+
+    stacks = block_stacks(model)
+    linear = {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    found = {name for name in linear if any(name.startswith(s + ".") for s in stacks) and not ROUTER.search(name)}
+    if not found:
+        raise LoramboError(
+            f"model '{model_name}': no Linear/Conv1D layer inside repeated transformer blocks to adapt (block "
+            f"stacks found: {', '.join(stacks) or 'none'}; {len(linear)} Linear/Conv1D layers in all); set "
+            f"model.target_modules to a regex of the layers to adapt")
+    general = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(name)) for name in found})
+    pattern = f"^({'|'.join(general)})$"
+    if {name for name in linear if re.search(pattern, name)} != found:
+        pattern = f"^({'|'.join(re.escape(name) for name in sorted(found))})$"
+    return pattern
+
+
+def found_head_modules(model: nn.Module, model_cfg) -> list[str]:
+    """head_modules=auto: a classifier's modules beside its base model (classifier, score, classification_head;
+    DeBERTa's pooler), trained with the adapter as PEFT's modules_to_save; a causal LM's head is pretrained (tied
+    to the embeddings in most models) and stays frozen."""
+    if model_cfg.family == "causal_lm":
+        return []
+    base = getattr(model, "base_model_prefix", None)
+    heads = [name for name, child in model.named_children()
+             if name != base and next(child.parameters(), None) is not None]
+    if not heads:
+        raise LoramboError(f"model '{model_cfg.name}': no classification head beside its base model "
+                           f"'{base}'; set model.head_modules to the head's module names")
+    return heads
+
+
+def resolve_auto_modules(model_cfg, model: nn.Module) -> None:
+    """target_modules / head_modules = auto: found from the built model, written into the config (the run's
+    config_resolved.yaml then names them). An explicit value wins."""
+    if model_cfg.target_modules == AUTO:
+        model_cfg.target_modules = found_target_modules(model, model_cfg.name)
+    if model_cfg.head_modules == AUTO:
+        model_cfg.head_modules = found_head_modules(model, model_cfg)
 
 
 def head_parameters(model: nn.Module, head_modules) -> list[torch.nn.Parameter]:

@@ -370,9 +370,19 @@ def explained_variance(model, layers, batches, rank: int, rho: float, tau: float
     if convolutions:
         raise LoramboError(f"allocator=eva: PEFT's EVA adapts only Linear layers and this model adapts "
                            f"convolutions ({convolutions[0]}, ...); choose another allocator")
-    recorded, groups = {}, []
+    recorded, groups, batch_shape = {}, [], [None]
 
-    class RecordedSVDHook(peft_eva.SVDHook):
+    def batch_tokens_only(hook_class):
+        """A hook that sees a layer's calls on the batch's tokens only: DeBERTa also runs query_proj and key_proj
+        on its relative-position embeddings, which are no data (and PEFT's token mask cannot index them)."""
+        class BatchTokensOnly(hook_class):
+            def __call__(self, module, inputs, output):
+                x = inputs[0] if isinstance(inputs, tuple) else inputs
+                if batch_shape[0] is None or tuple(x.shape[:2]) == batch_shape[0]:
+                    super().__call__(module, inputs, output)
+        return BatchTokensOnly
+
+    class RecordedSVDHook(batch_tokens_only(peft_eva.SVDHook)):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             recorded[kwargs["name"]] = self
@@ -388,6 +398,7 @@ def explained_variance(model, layers, batches, rank: int, rho: float, tau: float
 
     def forward(m, batch):  # PEFT cycles the batches until convergence: bound it
         calls[0] += 1
+        batch_shape[0] = tuple(batch["input_ids"].shape[:2]) if "input_ids" in batch else None
         if calls[0] > max_batches:
             raise LoramboError(f"allocator=eva: PEFT's SVD did not converge (cosine {tau}) in {max_batches} "
                                f"batches; raise sensitivity.eva_max_batches or lower sensitivity.eva_tau")
@@ -395,13 +406,13 @@ def explained_variance(model, layers, batches, rank: int, rho: float, tau: float
 
     config = LoraConfig(r=rank, target_modules=[l.name for l in layers], init_lora_weights="eva",
                         eva_config=EvaConfig(rho=rho, tau=tau, use_label_mask=lm))
-    saved = peft_eva.SVDHook, peft_eva.find_equal_values
-    peft_eva.SVDHook = RecordedSVDHook
+    saved = peft_eva.SVDHook, peft_eva.HashHook, peft_eva.find_equal_values
+    peft_eva.SVDHook, peft_eva.HashHook = RecordedSVDHook, batch_tokens_only(peft_eva.HashHook)
     peft_eva.find_equal_values = recorded_groups
     try:
         peft_eva.get_eva_state_dict(model, batches, config, forward_fn=forward, show_progress_bar=False)
     finally:
-        peft_eva.SVDHook, peft_eva.find_equal_values = saved
+        peft_eva.SVDHook, peft_eva.HashHook, peft_eva.find_equal_values = saved
     hooked = {name: group[0] for group in groups for name in group}  # PEFT hooks a group's first layer
     ratios, directions = {}, {}
     for layer in layers:

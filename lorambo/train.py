@@ -24,7 +24,7 @@ from lorambo.errors import LoramboError
 from lorambo.evaluation import evaluate_all, loss_and_logits, reported_metrics
 from lorambo.methods import build_method
 from lorambo.models import (adaptable_layers, build_model, build_tokenizer, check_model_fits_task, head_parameters,
-                            name_labels, save_base_model)
+                            name_labels, resolve_auto_modules, resolve_family, save_base_model)
 from lorambo.optimizers import build_optimizer
 from lorambo.results import (RunLog, append_jsonl, optimizer_state_bytes, peak_memory_bytes, reset_peak_memory,
                              write_json_atomic, write_text_atomic)
@@ -49,6 +49,7 @@ def run(cfg, run_dir: str) -> dict:
 
     t_start = time.perf_counter()
     validate(cfg)  # every value and key, once, before anything is built
+    resolve_family(cfg)
     check_model_fits_task(cfg.model, cfg.task)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -233,6 +234,7 @@ def load_data_and_base(cfg, run_dir: str, main: bool):
     tokenizer = build_tokenizer(cfg.model)
     data = load_task(cfg.task, cfg.model, tokenizer)
     model = build_model(cfg.model, cfg.task, tokenizer)
+    resolve_auto_modules(cfg.model, model)
     if data.label_names:  # a local file's class names: in the model's config (saved with it) and the folder
         name_labels(model, data.label_names)
         if main:

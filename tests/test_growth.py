@@ -120,6 +120,35 @@ def test_captured_gradient_is_the_full_weight_gradient():
         assert torch.allclose(grads[name], expected, atol=1e-5), name
 
 
+class SharedLayer(nn.Module):
+    """fc1 runs twice per forward, on the input and on a second tensor (as DeBERTa's key_proj runs on the tokens
+    and on its relative-position embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 3)
+        self.positions = nn.Parameter(torch.randn(5, 6), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)) + torch.tanh(self.fc1(self.positions)).mean(0))
+
+
+def test_captured_gradient_sums_every_call_of_a_layer():
+    torch.manual_seed(0)
+    model = wrap_lora(SharedLayer(), {"fc1": 2, "fc2": 1}, [], LORA)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    layers = lora_layers(model)
+    with GradientCapture(layers) as capture:
+        nn.functional.cross_entropy(model(x), y).backward()
+    grads = capture.weight_gradients()
+    base = layers["fc1"].get_base_layer()
+    model.zero_grad()
+    base.weight.requires_grad_(True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.allclose(grads["fc1"], base.weight.grad, atol=1e-6)  # the last call alone differs
+
+
 def test_residual_is_orthogonal_to_the_adapter_subspaces():
     torch.manual_seed(1)
     G, A, B = torch.randn(7, 9, dtype=torch.float64), torch.randn(2, 9), torch.randn(7, 2)

@@ -21,10 +21,12 @@ from lorambo.sensitivity import layer_inputs_as_rows
 
 class GradientCapture:
     """Forward hooks on the LoRA layers keeping each layer's input and the gradient of its output on one step;
-    from them, the gradient with respect to the layer's full weight, sum_tokens grad_out^T x."""
+    from them, the gradient with respect to the layer's full weight, sum_calls sum_tokens grad_out^T x. A layer
+    can run more than once per forward (DeBERTa passes its relative-position embeddings through query_proj and
+    key_proj too): every call's share is summed, as autograd sums them into the weight's gradient."""
 
     def __init__(self, layers: dict[str, nn.Module]):
-        self.layers, self.inputs, self.output_grads, self.handles = layers, {}, {}, []
+        self.layers, self.calls, self.handles = layers, {}, []
 
     def __enter__(self):
         for name, module in self.layers.items():
@@ -34,8 +36,8 @@ class GradientCapture:
     def _hook(self, name):
         def capture(module, inputs, output):
             if torch.is_grad_enabled() and output.requires_grad:
-                self.inputs[name] = inputs[0].detach()
-                output.register_hook(lambda g: self.output_grads.__setitem__(name, g.detach()))
+                x = inputs[0].detach()
+                output.register_hook(lambda g: self.calls.setdefault(name, []).append((x, g.detach())))
         return capture
 
     def __exit__(self, *exc):
@@ -46,13 +48,12 @@ class GradientCapture:
     def weight_gradients(self) -> dict[str, torch.Tensor]:
         grads = {}
         for name, module in self.layers.items():
-            if name in self.inputs and name in self.output_grads:
-                base = module.get_base_layer()
-                x = layer_inputs_as_rows(base, self.inputs[name]).float()
-                g = self.output_grads[name]
+            base = module.get_base_layer()
+            for x, g in self.calls.get(name, []):
+                x = layer_inputs_as_rows(base, x).float()
                 g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) if g.dim() == 4 else g.reshape(-1, g.shape[-1])
-                grads[name] = g.float().t() @ x
-        self.inputs, self.output_grads = {}, {}
+                grads[name] = grads.get(name, 0) + g.float().t() @ x
+        self.calls = {}
         return grads
 
 

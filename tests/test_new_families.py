@@ -1,0 +1,210 @@
+"""Any Hugging Face model (issue 18): the layers to adapt and the head found from the model itself, GQA shapes
+costed from the weights, MoE routers left out, and the new families (Llama, Qwen2, Mistral, DeBERTa-v3) end to
+end on tiny models built from configs, through their named configs and through model=hf on a local folder."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lorambo.allocation import measure
+from lorambo.allocators import ALLOCATORS, allocate, import_allocators, required_stats
+from lorambo.budget import resolve_p_max
+from lorambo.errors import LoramboError
+from lorambo.models import (adaptable_layers, build_model, build_tokenizer, found_head_modules, found_target_modules,
+                            resolve_auto_modules, resolve_family)
+from tests.helpers import compose_cfg, run_in_process, run_main
+from tests.test_runs import QUICK, evaluate_independently, saved_lora_params
+
+NEW = {
+    "tiny_llama": ["model=tiny_llama", "task=wiki_summaries", "task.max_length=32"],
+    "tiny_qwen2": ["model=tiny_qwen2", "task=wiki_summaries", "task.max_length=32"],
+    "tiny_mistral": ["model=tiny_mistral", "task=rt_snippets"],
+    "tiny_deberta_v3": ["model=tiny_deberta_v3", "task=rt_snippets"],
+}
+FAST = [*QUICK, "train.eval_every=0", "budget=r4", "sensitivity.gradient_batches=2", "sensitivity.hessian_batches=1",
+        "sensitivity.covariance_batches=2", "sensitivity.fisher_batches=2", "sensitivity.eva_tau=0.0", "sensitivity.eva_rho=1"]
+
+
+def built(overrides):
+    """(cfg with family and modules resolved, the base model) as a run builds them."""
+    cfg = compose_cfg(overrides)
+    resolve_family(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.task, build_tokenizer(cfg.model))
+    resolve_auto_modules(cfg.model, model)
+    return cfg, model
+
+
+@pytest.mark.parametrize("model,task", [("tiny_bert", "rt_snippets"), ("tiny_roberta", "rt_snippets"),
+                                        ("tiny_t5", "rt_snippets"), ("tiny_gpt2", "wiki_summaries")])
+def test_auto_finds_the_hand_written_layers_and_head(model, task):
+    cfg, base = built([f"model={model}", f"task={task}"])
+    by_hand = {l.name for l in adaptable_layers(base, cfg.model.target_modules)}
+    found = {l.name for l in adaptable_layers(base, found_target_modules(base, model))}
+    assert found == by_hand and len(found) >= 8
+    assert found_head_modules(base, cfg.model) == list(cfg.model.head_modules)
+
+
+@pytest.mark.parametrize("model,kv_heads", [("tiny_llama", 2), ("tiny_qwen2", 1), ("tiny_mistral", 2)])
+def test_gqa_projections_are_costed_from_their_weights(model, kv_heads):
+    cfg, base = built([f"model={model}", "task=wiki_summaries", "budget=r4"])
+    layers = {l.name: l for l in adaptable_layers(base, cfg.model.target_modules)}
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 blocks
+    head_dim = 32 // 4
+    for name, layer in layers.items():
+        weight = base.get_submodule(name).weight
+        assert (layer.d_out, layer.d_in) == tuple(weight.shape)
+        if name.endswith(("k_proj", "v_proj")):
+            assert layer.d_out == kv_heads * head_dim < 32
+    assert resolve_p_max(cfg.budget, list(layers.values())) == 4 * sum(
+        m.weight.shape[0] + m.weight.shape[1] for m in (base.get_submodule(n) for n in layers))
+
+
+def test_moe_routers_are_left_out_and_the_shared_expert_kept():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        hidden_size=16, intermediate_size=32, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+        vocab_size=50))
+    names = {l.name for l in adaptable_layers(model, "auto")}
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "model.layers.0.mlp.shared_expert_gate" in linear and not any("gate." in n or n.endswith("_gate")
+                                                                         for n in names)
+    assert {"model.layers.1.mlp.shared_expert.up_proj", "model.layers.1.self_attn.k_proj"} <= names
+    assert "lm_head" not in names
+
+
+def test_explicit_target_modules_win_over_auto():
+    cfg, base = built(["model=tiny_llama", "task=wiki_summaries", r"model.target_modules=self_attn\.q_proj$"])
+    assert sorted(l.name for l in adaptable_layers(base, cfg.model.target_modules)) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_the_family_follows_the_task():
+    cfg, base = built(["model=tiny_llama", "task=wiki_summaries"])
+    assert cfg.model.family == "causal_lm" and cfg.model.head_modules == [] and "CausalLM" in type(base).__name__
+    cfg, base = built(["model=tiny_llama", "task=rt_snippets"])
+    assert cfg.model.family == "encoder" and cfg.model.head_modules == ["score"]
+    cfg, base = built(["model=tiny_deberta_v3", "task=rt_snippets"])
+    assert cfg.model.head_modules == ["pooler", "classifier"]
+
+
+def test_models_that_cannot_be_adapted_get_one_line(tmp_path, monkeypatch, capfd):
+    code, _, err = run_main(["model=tiny_resnet", "task=fashion_mnist", "model.target_modules=auto", "logger=none",
+                             "train.max_steps=1"], tmp_path, monkeypatch, capfd)
+    lines = [line for line in err.splitlines() if line.startswith("lorambo-run: error:")]
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err
+    assert "no Linear/Conv1D layer inside repeated transformer blocks" in lines[0] and "block stacks found" in lines[0]
+    with pytest.raises(LoramboError, match="decoder-only"):
+        resolve_family(compose_cfg(["model=hf", "model.pretrained=null", "task=wiki_summaries",
+                                    "+model.hf_config={model_type:t5,d_model:8}"]))
+
+
+@pytest.mark.parametrize("family", sorted(NEW))
+def test_every_statistic_and_allocator_on_the_new_families(family):
+    """Every statistic measured on the real model (DeBERTa runs query_proj and key_proj on its position
+    embeddings too), then every allocator spends the budget on what was found."""
+    from lorambo.train import load_data_and_base
+
+    cfg = compose_cfg([*NEW[family], *FAST])
+    resolve_family(cfg)
+    torch.manual_seed(0)
+    data, model = load_data_and_base(cfg, "/nonexistent-unused", False)
+    layers = adaptable_layers(model, cfg.model.target_modules)
+    p_max = resolve_p_max(cfg.budget, layers)
+    import_allocators()
+    needed = set().union(*(required_stats(name) for name in ALLOCATORS))
+    stats = measure(needed, cfg, model, layers, data, torch.device("cpu"), 1, p_max)
+    costliest = max(l.cost for l in layers)
+    for name in sorted(ALLOCATORS):
+        ranks = allocate(name, layers, p_max, stats)
+        spent = sum(r * l.cost for l in layers for n, r in ranks.items() if n == l.name)
+        assert 0 < spent <= p_max, name
+        if name != "hessian_online":  # it starts below the budget and grows into the rest while training
+            assert p_max - costliest < spent, name
+
+
+def run_and_check(overrides, run_dir, base_dir=None):
+    """A run; its counts against the saved adapter and the layers found; the PEFT round trip reproduces it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    metrics = run_in_process(overrides, run_dir)
+    cfg, base = built(overrides)
+    layers = {l.name: l for l in adaptable_layers(base, cfg.model.target_modules)}
+    assert set(metrics["ranks"]) <= set(layers)
+    per_rank = 1 if metrics["method"] == "adalora" else 0  # AdaLoRA: a singular value per rank
+    dora = sum(layers[n].d_out for n in metrics["ranks"]) if metrics["method"] == "dora" else 0
+    assert metrics["adapter_params"] == saved_lora_params(run_dir) == sum(
+        r * (layers[n].cost + per_rank) for n, r in metrics["ranks"].items()) + dora
+    assert metrics["adapter_params"] <= metrics["p_max"]
+    assert metrics["head_params"] == sum(p.numel() for h in cfg.model.head_modules
+                                         for p in base.get_submodule(h).parameters())
+    auto = AutoModelForCausalLM if cfg.model.family == "causal_lm" else AutoModelForSequenceClassification
+    reloaded = PeftModel.from_pretrained(auto.from_pretrained(base_dir or run_dir / "base_model"),
+                                         str(run_dir / "adapter"))
+    for key, value in evaluate_independently(cfg, reloaded).items():
+        assert value == pytest.approx(metrics[key], rel=1e-4), key
+    return metrics
+
+
+VARIANTS = {
+    "growth": ["allocator=hessian_online", "method.grow_every=2", "method.growth_events=2"],
+    "eva": ["allocator=eva"],
+    "gora": ["allocator=gora"],
+    "adalora": ["method=adalora", "method.delta_t=1"],
+    "dora": ["method=dora"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("family", sorted(NEW))
+def test_growth_and_the_adapter_baselines_run_on_the_new_families(family, variant, tmp_path):
+    metrics = run_and_check([*NEW[family], *FAST, *VARIANTS[variant]], tmp_path)
+    if variant == "growth":
+        assert metrics["growth_events"] >= 1
+
+
+@pytest.mark.parametrize("family", sorted(NEW))
+def test_model_hf_runs_on_a_local_folder_of_each_family(family, tmp_path):
+    cfg, base = built(NEW[family])
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    # the tiny models borrow MiniLM's vocabulary: beside a Qwen2 config, transformers 5 would load it as Qwen2's
+    build_tokenizer(cfg.model).save_pretrained(tmp_path / "tokenizer")
+    overrides = [o for o in NEW[family] if not o.startswith("model=")]
+    metrics = run_and_check(["model=hf", f"model.pretrained={folder}", f"model.tokenizer={tmp_path / 'tokenizer'}",
+                             *overrides, *FAST], tmp_path / "run", folder)
+    resolved = (tmp_path / "run" / "config_resolved.yaml").read_text()
+    assert metrics["model"] == "hf" and "target_modules: ^(" in resolved
+    assert len(metrics["ranks"]) == len(adaptable_layers(base, cfg.model.target_modules))
+
+
+NEW_MODELS = ["hf", "llama", "qwen2", "mistral", "deberta_v3", "tiny_llama", "tiny_qwen2", "tiny_mistral",
+              "tiny_deberta_v3"]
+
+
+def test_every_new_model_composes_with_each_task_of_its_family(tmp_path, monkeypatch, capfd):
+    from hydra import compose, initialize_config_dir
+
+    from lorambo.cli import group_options
+    from lorambo.config import CONF_DIR
+    from lorambo.models import FAMILY_TASK_TYPES
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # one initialisation for every compose
+        tasks = {t: compose("config", [f"task={t}"]).task.type for t in group_options("task")}
+        for model in NEW_MODELS:
+            family = compose("config", [f"model={model}"]).model.family
+            types = {"classification", "regression", "lm"} if family == "auto" else FAMILY_TASK_TYPES[family]
+            fitting = [t for t, kind in tasks.items() if kind in types]
+            assert len(fitting) >= 8, model
+            for task in fitting:
+                cfg = compose("config", [f"model={model}", f"task={task}", "model.pretrained=x"])
+                assert cfg.model.name == model and cfg.task.name == task
+    for model in NEW_MODELS:
+        code, out, err = run_main([f"model={model}", "task=rt_snippets", "model.pretrained=x", "--cfg", "job"],
+                                  tmp_path, monkeypatch, capfd)
+        assert code == 0 and f"name: {model}" in out, err
