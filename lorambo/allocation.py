@@ -18,7 +18,7 @@ from lorambo.evaluation import loss_and_logits
 from lorambo.methods import check_options, import_named_module
 from lorambo.models import head_parameters
 from lorambo.results import write_json_atomic
-from lorambo.sensitivity import estimate, warmed_up_head
+from lorambo.sensitivity import WEIGHT_GRADIENT_STATS, estimate, warmed_up_head
 from lorambo.sensitivity import summary as sensitivity_summary
 
 
@@ -44,6 +44,17 @@ def needed_statistics(cfg, method) -> set[str]:
     return needed
 
 
+def check_statistics_fit_the_base(cfg, method, required: set[str]) -> None:
+    """A 4-bit base has no gradients with respect to its weights (they are packed integers): refuse what needs
+    them in one line, and say what works."""
+    needs = sorted(required & WEIGHT_GRADIENT_STATS)
+    if cfg.model.get("quantize") and needs:
+        raise LoramboError(
+            f"{method.label()} needs gradients with respect to the base weights ({', '.join(needs)}), which a "
+            f"4-bit base (model.quantize) does not have; use allocator uniform, frobenius_greedy, data_weighted "
+            f"or eva, or allocate on the unquantised base (lorambo-allocate) and reuse it with allocator.from_run")
+
+
 def measure(required: set[str], cfg, model, layers, data, device, num_processes: int, p_max: int) -> dict:
     """The statistics, on estimation batches, with the head optionally warmed up first (then restored).
     EVA's r is the uniform rank at this budget (a layer then holds at most rho r directions, PEFT's cap)."""
@@ -65,6 +76,7 @@ def choose_ranks(cfg, method, model, layers, p_max, data, accelerator, run_dir) 
         return {"ranks": {}, "stats": {}, "seconds": 0.0}
     start, stats = time.perf_counter(), {}
     required = needed_statistics(cfg, method)
+    check_statistics_fit_the_base(cfg, method, required)
     if required:
         stats = measure(required, cfg, model, layers, data, accelerator.device, accelerator.num_processes, p_max)
         if accelerator.is_main_process:

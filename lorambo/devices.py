@@ -16,7 +16,7 @@ def make_accelerator(cfg):
     # (a parallel sweep's reused workers, the tests) starts each run from a clean state, process group kept
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=None if cfg.logger.name == "none" else "wandb",
@@ -26,6 +26,22 @@ def make_accelerator(cfg):
         # when told they are CPU processes; otherwise each would train alone
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
     )
+    refuse_sharding(accelerator)
+    return accelerator
+
+
+def refuse_sharding(accelerator) -> None:
+    """FSDP and DeepSpeed shard the base across processes; lorambo's statistics read whole weights and their
+    gradients on one process, and growth changes parameter shapes mid-run, which sharded flat parameters cannot
+    take: refused in one line until both are done under sharding (README, "Any Hugging Face model")."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        from lorambo.errors import LoramboError
+
+        raise LoramboError(f"{accelerator.distributed_type.value} sharding is not supported: the statistics and "
+                           f"growth need whole weights on each process; use model.quantize=4bit and "
+                           f"model.base_dtype=bfloat16 to fit one GPU, or plain data parallelism")
 
 
 def cpu_has_bf16() -> bool:

@@ -91,7 +91,9 @@ def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if model_cfg.family == "causal_lm" else AutoModelForSequenceClassification
-    extra = {}
+    extra = {"dtype": base_dtype(model_cfg)}
+    if model_cfg.get("quantize"):
+        extra["quantization_config"] = four_bit_config(model_cfg)
     if model_cfg.family != "causal_lm":
         extra["num_labels"] = task_cfg.num_labels
         if task_cfg.type == "regression":
@@ -113,14 +115,78 @@ def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
             if model_cfg.family == "t5":
                 settings.setdefault("eos_token_id", tokenizer.sep_token_id or tokenizer.eos_token_id)
                 settings.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
+        dtype = extra.pop("dtype")
+        if extra.pop("quantization_config", None) is not None:
+            raise LoramboError("model.quantize needs pretrained weights to quantise; set model.pretrained")
         config = AutoConfig.for_model(model_type, **settings, **extra)
         try:
-            model = auto.from_config(config)
+            model = auto.from_config(config, dtype=dtype)
         except ValueError as e:  # transformers has no such head for this architecture
             raise LoramboError(f"model '{model_cfg.name}' ({model_type}): {str(e).splitlines()[0]}")
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_dtype(model_cfg) -> torch.dtype:
+    """The frozen base weights' dtype (model.base_dtype): auto is bfloat16 on a GPU that has it (half the
+    memory of float32 for the weights that are never trained), else float32. Adapters and heads stay float32."""
+    setting = model_cfg.get("base_dtype") or "float32"
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if setting not in BASE_DTYPES:
+        raise LoramboError(f"model.base_dtype={setting} unknown; use one of: auto, {', '.join(BASE_DTYPES)}")
+    return BASE_DTYPES[setting]
+
+
+def four_bit_config(model_cfg):
+    """model.quantize=4bit: QLoRA's base, NF4 weights with double quantisation and bf16 compute, through
+    bitsandbytes, which needs a CUDA GPU."""
+    if model_cfg.quantize != "4bit":
+        raise LoramboError(f"model.quantize={model_cfg.quantize} unknown; use 4bit (QLoRA) or null")
+    if not torch.cuda.is_available():
+        raise LoramboError("model.quantize=4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); this machine "
+                           "has none: drop model.quantize")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoramboError("model.quantize=4bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def prepare_base_for_training(model: nn.Module, model_cfg, train_cfg) -> nn.Module:
+    """What a bf16 or 4-bit base needs before its adapter: the head in float32 (it is trained: AdamW on bf16
+    weights loses small updates), fed float32 (a pre-hook casts the base's bf16 features), and a quantised base
+    through PEFT's prepare_model_for_kbit_training (norms in float32, input gradients for checkpointing)."""
+    if model_cfg.get("quantize"):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(train_cfg.get("gradient_checkpointing")),
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if base_dtype(model_cfg) != torch.float32 or model_cfg.get("quantize"):
+        for name in model_cfg.head_modules:
+            head = model.get_submodule(name).float()
+            head.register_forward_pre_hook(
+                lambda _, args: tuple(a.float() if torch.is_floating_point(a) else a for a in args))
+    return model
+
+
+def use_gradient_checkpointing(model: nn.Module) -> None:
+    """train.gradient_checkpointing: activations recomputed in the backward instead of kept (Hugging Face's
+    own switch; timm's for vision); the non-reentrant form, which frozen inputs and adapters need."""
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    else:
+        raise LoramboError(f"train.gradient_checkpointing: {type(model).__name__} has no checkpointing switch")
 
 
 def _build_timm(model_cfg, task_cfg) -> nn.Module:

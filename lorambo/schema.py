@@ -33,6 +33,7 @@ class Train(Section):
     dropout_masks: Literal["packed", "torch"] = "torch"
     compile: bool = False
     compile_backend: str = "inductor"
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def known_backend(self):

@@ -23,7 +23,16 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
     if isinstance(module, Conv1D):
         return module.weight.t()
+    if getattr(module.weight, "quant_state", None) is not None:  # a 4-bit base: dequantised one layer at a time
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
     return module.weight.reshape(module.weight.shape[0], -1)
+
+
+# statistics that differentiate the loss with respect to the base weights: a 4-bit base has no such gradients
+WEIGHT_GRADIENT_STATS = {"gradient", "update_spectra", "mean_gradient", "gradient_saliency", "hessian_trace",
+                         "fisher_trace", "hessian_opnorm"}
 
 
 @contextmanager

@@ -24,7 +24,8 @@ from lorambo.errors import LoramboError
 from lorambo.evaluation import evaluate_all, loss_and_logits, reported_metrics
 from lorambo.methods import build_method
 from lorambo.models import (adaptable_layers, build_model, build_tokenizer, check_model_fits_task, head_parameters,
-                            name_labels, resolve_auto_modules, resolve_family, save_base_model)
+                            name_labels, prepare_base_for_training, resolve_auto_modules, resolve_family,
+                            save_base_model, use_gradient_checkpointing)
 from lorambo.optimizers import build_optimizer
 from lorambo.results import (RunLog, append_jsonl, optimizer_state_bytes, peak_memory_bytes, reset_peak_memory,
                              write_json_atomic, write_text_atomic)
@@ -67,6 +68,8 @@ def run(cfg, run_dir: str) -> dict:
     allocation = resumed["allocation"] if resumed else choose_ranks(cfg, method, model, layers, p_max, data,
                                                                    accelerator, run_dir)
     model = method.wrap(model, p_max, allocation["ranks"], allocation["stats"])
+    if cfg.train.get("gradient_checkpointing"):  # after the statistics: they take their gradients unchecked
+        use_gradient_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if cfg.train.get("dropout_masks") == "packed":
         use_mask_dropout(model)
     if resumed:
@@ -235,6 +238,7 @@ def load_data_and_base(cfg, run_dir: str, main: bool):
     data = load_task(cfg.task, cfg.model, tokenizer)
     model = build_model(cfg.model, cfg.task, tokenizer)
     resolve_auto_modules(cfg.model, model)
+    model = prepare_base_for_training(model, cfg.model, cfg.train)
     if data.label_names:  # a local file's class names: in the model's config (saved with it) and the folder
         name_labels(model, data.label_names)
         if main:

@@ -208,3 +208,65 @@ def test_every_new_model_composes_with_each_task_of_its_family(tmp_path, monkeyp
         code, out, err = run_main([f"model={model}", "task=rt_snippets", "model.pretrained=x", "--cfg", "job"],
                                   tmp_path, monkeypatch, capfd)
         assert code == 0 and f"name: {model}" in out, err
+
+
+def test_a_bfloat16_base_trains_a_float32_adapter_and_head(tmp_path):
+    from safetensors.torch import load_file
+
+    metrics = run_in_process([*NEW["tiny_mistral"], *FAST, "model.base_dtype=bfloat16", "train.mixed_precision=bf16"],
+                             tmp_path)
+    base = load_file(tmp_path / "base_model" / "model.safetensors")
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for n, t in base.items() if ".layers." in n} == {torch.bfloat16}
+    assert {t.dtype for t in adapter.values()} == {torch.float32} and any("score" in n for n in adapter)
+    assert metrics["adapter_bytes"] == 4 * metrics["adapter_params"] and 0 <= metrics["accuracy"] <= 1
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing(tmp_path, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    calls = []  # the MLP inside each block (the block's own forward is transformers' checkpointing wrapper)
+    forward = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward",
+                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    counts, losses = {}, {}
+    for on in (False, True):
+        calls.clear()
+        run_dir = tmp_path / str(on)
+        run_in_process([*NEW["tiny_llama"], *FAST, f"train.gradient_checkpointing={on}"], run_dir)
+        counts[on] = len(calls)
+        losses[on] = [json.loads(line).get("train/loss") for line in
+                      (run_dir / "metrics_log.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert counts[True] == counts[False] + 6 * 2  # each of the 6 steps runs both blocks' forwards again
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6) and len(losses[True]) == 2
+
+
+def test_a_four_bit_base_is_refused_without_cuda_and_so_are_weight_gradients(tmp_path, monkeypatch, capfd):
+    from lorambo.allocation import check_statistics_fit_the_base, needed_statistics
+    from lorambo.methods import build_method
+
+    code, _, err = run_main([*NEW["tiny_deberta_v3"], "model.pretrained=some/model", "model.quantize=4bit",
+                             "logger=none"], tmp_path, monkeypatch, capfd)
+    assert code != 0 and "model.quantize=4bit needs a CUDA GPU" in err and "Traceback" not in err
+    for allocator, refused in (("hessian_offline", True), ("gradient", True), ("data_weighted", False),
+                               ("uniform", False)):
+        cfg = compose_cfg([*NEW["tiny_llama"], "model.quantize=4bit", f"allocator={allocator}"])
+        method = build_method(cfg, [], 1, str(tmp_path), False)
+        if refused:
+            with pytest.raises(LoramboError, match="4-bit base"):
+                check_statistics_fit_the_base(cfg, method, needed_statistics(cfg, method))
+        else:
+            check_statistics_fit_the_base(cfg, method, needed_statistics(cfg, method))
+
+
+def test_sharded_training_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from lorambo.devices import refuse_sharding
+
+    refuse_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(LoramboError, match="sharding is not supported"):
+            refuse_sharding(SimpleNamespace(distributed_type=kind))
