@@ -138,8 +138,12 @@ def run_and_check(overrides, run_dir, base_dir=None):
     assert set(metrics["ranks"]) <= set(layers)
     per_rank = 1 if metrics["method"] == "adalora" else 0  # AdaLoRA: a singular value per rank
     dora = sum(layers[n].d_out for n in metrics["ranks"]) if metrics["method"] == "dora" else 0
-    assert metrics["adapter_params"] == saved_lora_params(run_dir) == sum(
-        r * (layers[n].cost + per_rank) for n, r in metrics["ranks"].items()) + dora
+    if metrics["method"] == "ard_lora":  # per-head ranks: the file holds PEFT's form, rank max_h r_h per layer
+        assert saved_lora_params(run_dir) == metrics["adapter_params_peft_form"] == sum(
+            r * layers[n].cost for n, r in metrics["ranks"].items())
+    else:
+        assert metrics["adapter_params"] == saved_lora_params(run_dir) == sum(
+            r * (layers[n].cost + per_rank) for n, r in metrics["ranks"].items()) + dora
     assert metrics["adapter_params"] <= metrics["p_max"]
     assert metrics["head_params"] == sum(p.numel() for h in cfg.model.head_modules
                                          for p in base.get_submodule(h).parameters())
@@ -157,12 +161,17 @@ VARIANTS = {
     "gora": ["allocator=gora"],
     "adalora": ["method=adalora", "method.delta_t=1"],
     "dora": ["method=dora"],
+    "ard_lora": ["method=ard_lora"],
+    "frobenius_greedy": ["allocator=frobenius_greedy"],
+    "gradient": ["allocator=gradient"],
+    "hessian_offline": ["allocator=hessian_offline"],
+    "data_weighted": ["allocator=data_weighted"],
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("family", sorted(NEW))
-def test_growth_and_the_adapter_baselines_run_on_the_new_families(family, variant, tmp_path):
+def test_every_allocator_growth_and_baseline_runs_on_the_new_families(family, variant, tmp_path):
     metrics = run_and_check([*NEW[family], *FAST, *VARIANTS[variant]], tmp_path)
     if variant == "growth":
         assert metrics["growth_events"] >= 1
