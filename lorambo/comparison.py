@@ -27,7 +27,7 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
 
 
 def lower_is_better(metric: str) -> bool:
-    return metric.split("_")[0] in LOWER_IS_BETTER
+    return metric in LOWER_IS_BETTER or metric.split("_")[0] in LOWER_IS_BETTER  # loss_matched: MNLI's split
 
 
 def curve_name(m: dict) -> str | None:

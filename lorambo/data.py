@@ -23,12 +23,18 @@ class TaskData:
     evals: dict  # eval split name -> dataset
     collate_fn: object
     label_names: list | None = None  # a local file's class names, in id order
+    lengths: list | None = None  # each training example's length: batches of similar lengths (less padding)
+    evaluate: object = None  # the task's own evaluation (instruct: generation), with observe_base(model)
 
 
 def load_task(task_cfg, model_cfg, tokenizer) -> TaskData:
     """The task's splits; with `task.dev_fraction`, a dev split carved from the training split (a fixed
     permutation, seed 0, the same for every run and row) is the only evaluation split and the rest trains, so
     that a learning-rate search never sees the validation split."""
+    if task_cfg.type == "instruct":  # its own splits and evaluation (lorambo/instruct.py)
+        from lorambo.instruct import load_instruct_task
+
+        return load_instruct_task(task_cfg, model_cfg, tokenizer)
     data = _load_splits(task_cfg, model_cfg, tokenizer)
     fraction = task_cfg.get("dev_fraction")
     if not fraction:
@@ -310,8 +316,29 @@ def data_loaders(cfg, data):
     """The shuffled training loader (seeded) and one loader per evaluation split."""
     from torch.utils.data import DataLoader
 
-    train_loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                              collate_fn=data.collate_fn, generator=torch.Generator().manual_seed(cfg.seed))
+    if data.lengths:  # transformers' length-grouped order, drawn anew each epoch from seed + epoch
+        train_loader = DataLoader(data.train, batch_size=cfg.train.batch_size, drop_last=True,
+                                  sampler=length_grouped_sampler(cfg.train.batch_size, data.lengths, cfg.seed),
+                                  collate_fn=data.collate_fn)
+    else:
+        train_loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                                  collate_fn=data.collate_fn, generator=torch.Generator().manual_seed(cfg.seed))
     eval_loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=data.collate_fn)
                     for name, ds in data.evals.items()}
     return train_loader, eval_loaders
+
+
+def length_grouped_sampler(batch_size: int, lengths: list, seed: int):
+    """transformers' LengthGroupedSampler (random mega-batches, sorted by length inside) with an epoch: the
+    loop's set_epoch(e) draws epoch e's order from seed + e, so a resumed run sees the same order again."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class Sampler(LengthGroupedSampler):
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator = torch.Generator().manual_seed(seed + getattr(self, "epoch", 0))
+            return super().__iter__()
+
+    return Sampler(batch_size, lengths=lengths)

@@ -36,10 +36,12 @@ def evaluate(model, loader, task_cfg, accelerator) -> dict[str, float]:
     return task_metrics(task_cfg.metrics, torch.cat(gathered).numpy(), torch.cat(labels).numpy())
 
 
-def evaluate_all(model, eval_loaders, task_cfg, accelerator) -> dict[str, float]:
+def evaluate_all(model, eval_loaders, task_cfg, accelerator, task_evaluation=None) -> dict[str, float]:
     """One split: plain metric names; several (MNLI): `accuracy_matched`, `accuracy_mismatched`. In float32
     whatever the training precision (only train_step autocasts): the metric is the saved adapter's, as
-    `PeftModel.from_pretrained` reloads it."""
+    `PeftModel.from_pretrained` reloads it. A task with its own evaluation (instruct: generation) runs it."""
+    if task_evaluation is not None:
+        return task_evaluation(accelerator.unwrap_model(model))
     results = {}
     for split, loader in eval_loaders.items():
         for key, value in evaluate(model, loader, task_cfg, accelerator).items():
@@ -51,6 +53,8 @@ def reported_metrics(task_cfg, splits: list[str]) -> list[str]:
     """The metrics a table shows for this task: the main one, for every evaluation split (MNLI: m and mm); the
     first is the run's main metric."""
     main = task_cfg.main_metric
+    if task_cfg.type == "instruct":  # one evaluation, several measures: accuracy, validation loss, forgetting
+        return [main, *[m for m in task_cfg.metrics if m != main]]
     named = list(task_cfg.get("eval_splits") or {})  # MNLI: accuracy_matched is accuracy on `matched`
     base = next((main[: -len(s) - 1] for s in [*splits, *named] if main.endswith("_" + s)), main)
     if splits == ["dev"]:  # a dev split carved from train (task.dev_fraction): one split, plain names

@@ -13,7 +13,7 @@ from lorambo.errors import LoramboError
 FAMILY_TASK_TYPES = {
     "encoder": {"classification", "regression"},
     "t5": {"classification", "regression"},  # T5ForSequenceClassification: see README, "T5"
-    "causal_lm": {"lm"},
+    "causal_lm": {"lm", "instruct"},
     "vision": {"image_classification"},
 }
 
@@ -27,9 +27,9 @@ def resolve_family(cfg) -> None:
     if cfg.model.family != AUTO:
         return
     config = hf_config(cfg.model)
-    if cfg.task.type == "lm":
+    if cfg.task.type in ("lm", "instruct"):
         if config.is_encoder_decoder:
-            raise LoramboError(f"task '{cfg.task.name}' (lm) needs a decoder-only model; model.pretrained="
+            raise LoramboError(f"task '{cfg.task.name}' ({cfg.task.type}) needs a decoder-only model; model.pretrained="
                                f"'{cfg.model.pretrained}' is an encoder-decoder ({config.model_type})")
         cfg.model.family = "causal_lm"
     elif cfg.task.type in ("classification", "regression"):
@@ -60,7 +60,8 @@ def check_model_fits_task(model_cfg, task_cfg) -> None:
     if task_cfg.type not in FAMILY_TASK_TYPES[model_cfg.family]:
         fitting = {"classification": "bert, roberta, t5, minilm, deberta_v3, llama, hf",
                    "regression": "bert, roberta, t5, minilm, deberta_v3, llama, hf",
-                   "lm": "gpt2, llama, qwen2, mistral, hf", "image_classification": "resnet50, tiny_resnet"}[task_cfg.type]
+                   "lm": "gpt2, llama, qwen2, mistral, hf", "instruct": "gpt2, llama, qwen2, mistral, hf",
+                   "image_classification": "resnet50, tiny_resnet"}[task_cfg.type]
         raise LoramboError(
             f"task '{task_cfg.name}' ({task_cfg.type}) does not fit model '{model_cfg.name}' "
             f"({model_cfg.family}); use a model such as: {fitting}"

@@ -90,7 +90,7 @@ class Budget(Section):
 
 class Task(BaseModel):
     model_config = ConfigDict(extra="allow")  # each source has its own keys (paths, fields, splits)
-    type: Literal["classification", "regression", "lm", "image_classification"]
+    type: Literal["classification", "regression", "lm", "image_classification", "instruct"]
     num_labels: int | None = Field(default=None, ge=1)
     max_train_samples: int | None = Field(default=None, ge=1)  # null: no limit
     max_eval_samples: int | None = Field(default=None, ge=1)

@@ -116,7 +116,7 @@ def hutchinson_trace(model, layers, batches, loss_fn, probes: int = 1, seed: int
     return as_samples(layers, rows)
 
 
-def sampled_label_loss(logits: torch.Tensor, task_type: str, generator: torch.Generator
+def sampled_label_loss(logits: torch.Tensor, task_type: str, generator: torch.Generator, labels=None
                        ) -> tuple[torch.Tensor, int]:
     """(sum over outputs of the loss at labels drawn from the model's own predictive distribution, number of
     outputs). Classification and language modelling: y ~ softmax(logits) per example / per next-token position;
@@ -125,6 +125,8 @@ def sampled_label_loss(logits: torch.Tensor, task_type: str, generator: torch.Ge
     logits = logits.float()
     if task_type == "lm":
         logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # position t predicts token t + 1
+    elif task_type == "instruct":  # the response's positions only: the prompt and padding carry no loss
+        logits = logits[:, :-1][labels[:, 1:] != -100]
     if logits.shape[-1] == 1:
         f = logits.reshape(-1)
         noise = torch.randn(f.shape, generator=generator).to(f) * math.sqrt(0.5)
@@ -158,7 +160,7 @@ def fisher_trace(model, layers, batches, output_fn, task_type: str, samples: int
                 continue
             logits = output_fn(model, batch)[1]
             for k in range(samples):
-                loss, count = sampled_label_loss(logits, task_type, generator)
+                loss, count = sampled_label_loss(logits, task_type, generator, batch.get("labels"))
                 grads = torch.autograd.grad(loss, weights, retain_graph=k < samples - 1)
                 rows.append(squared_norms(grads) / count)
     return as_samples(layers, rows)
@@ -330,7 +332,7 @@ def estimate(required: set[str], model, layers, batches, output_fn, settings, se
         if "explained_variance" in required:
             stats["explained_variance"], stats["input_components"] = explained_variance(
                 model, layers, batches, rank, settings.eva_rho, settings.eva_tau, settings.eva_max_batches,
-                task_type == "lm")
+                task_type in ("lm", "instruct"))
         if "hessian_trace" in required:
             samples["hessian_trace"] = hutchinson_trace(model, layers, batches[: settings.hessian_batches], loss_fn,
                                                         settings.hutchinson_probes, seed)

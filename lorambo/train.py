@@ -60,6 +60,8 @@ def run(cfg, run_dir: str) -> dict:
 
     # --- data, base model, layers, method, ranks, adapter
     data, model = load_data_and_base(cfg, run_dir, main)
+    if data.evaluate is not None:  # the base model's own scores, before any adapter (forgetting)
+        data.evaluate.observe_base(model)
     layers = adaptable_layers(model, cfg.model.target_modules)
     head_params = sum(p.numel() for p in head_parameters(model, cfg.model.head_modules))
     steps = training_steps(cfg, len(data.train), accelerator.num_processes)
@@ -84,6 +86,7 @@ def run(cfg, run_dir: str) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps) * n, steps * n)
     model, optimizer, train_loader, scheduler = prepare(accelerator, model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
+    evaluate_now = lambda m: evaluate_all(m, eval_loaders, cfg.task, accelerator, data.evaluate)
     progress = Progress(**(checkpoint.continue_from(resumed, resumed_rng, optimizer, scheduler, run_dir, main)
                            if resumed else {}))
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -93,13 +96,13 @@ def run(cfg, run_dir: str) -> dict:
     log = RunLog(accelerator, os.path.join(run_dir, "metrics_log.jsonl"))
 
     # --- training
-    model = train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, accelerator, log, progress,
+    model = train(cfg, method, model, optimizer, scheduler, train_loader, evaluate_now, accelerator, log, progress,
                   steps, allocation, resolved, run_dir)
 
     # --- finish, evaluate, count, save
     unwrapped, trainable = unwrap(accelerator, model), [p for p in model.parameters() if p.requires_grad]
     outcome, t_eval = method.finish(unwrapped, progress.step), time.perf_counter()  # a method may cut its adapter
-    results = evaluate_all(model, eval_loaders, cfg.task, accelerator)
+    results = evaluate_now(model)
     element_size = trainable[0].element_size()
     metrics = {  # metrics.json: the keys every report reads
         **results, **outcome,
@@ -142,7 +145,7 @@ def write_results(method, metrics: dict, model, log, resolved: dict, run_dir: st
     write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
 
 
-def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, accelerator, log, progress,
+def train(cfg, method, model, optimizer, scheduler, train_loader, evaluate_now, accelerator, log, progress,
           steps, allocation, resolved, run_dir):
     """The loop: forward, backward, step, the method's hooks, log, evaluate, checkpoint. Returns the model
     (a method that replaces parameters under several processes needs it wrapped anew)."""
@@ -179,8 +182,7 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, eval_loaders, 
                 if p.step % cfg.train.log_every == 0 or p.step == steps:
                     t_interval = log_training(cfg, accelerator, log, bar, p, optimizer, scheduler, t_interval)
                 if cfg.train.eval_every and p.step % cfg.train.eval_every == 0 and p.step < steps:
-                    log({f"eval/{k}": v for k, v in evaluate_all(model, eval_loaders, cfg.task, accelerator).items()},
-                        p.step)
+                    log({f"eval/{k}": v for k, v in evaluate_now(model).items()}, p.step)
                     method.train_mode(model)
                 if checkpoint_every and p.step % checkpoint_every == 0 and p.step < steps:
                     state = {**asdict(p), "interval_loss": float(p.interval_loss),

@@ -16,7 +16,7 @@ import os
 
 from lorambo.errors import LoramboError
 
-LOWER_IS_BETTER = ("perplexity", "loss")
+LOWER_IS_BETTER = ("perplexity", "loss", "validation_loss", "forgetting", "general_loss")
 TUNING_FILE = "tuning.json"
 
 
