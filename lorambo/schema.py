@@ -34,6 +34,7 @@ class Train(Section):
     compile: bool = False
     compile_backend: str = "inductor"
     gradient_checkpointing: bool = False
+    scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"  # after warm-up (transformers')
 
     @model_validator(mode="after")
     def known_backend(self):

@@ -46,7 +46,7 @@ class Progress:
 
 def run(cfg, run_dir: str) -> dict:
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
     t_start = time.perf_counter()
     validate(cfg)  # every value and key, once, before anything is built
@@ -83,7 +83,8 @@ def run(cfg, run_dir: str) -> dict:
     # accelerate steps a prepared scheduler once per process at each optimizer step (it assumes a schedule
     # written for one process), so the schedule is laid out in those units, as Hugging Face's own scripts do
     n = accelerator.num_processes
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps) * n, steps * n)
+    scheduler = get_scheduler(cfg.train.get("scheduler", "linear"), optimizer,
+                              num_warmup_steps=int(cfg.train.warmup_ratio * steps) * n, num_training_steps=steps * n)
     model, optimizer, train_loader, scheduler = prepare(accelerator, model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
     evaluate_now = lambda m: evaluate_all(m, eval_loaders, cfg.task, accelerator, data.evaluate)

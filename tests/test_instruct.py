@@ -183,3 +183,55 @@ def test_the_report_reads_loss_and_forgetting_as_lower_is_better():
 
     assert lower_is_better("validation_loss") and lower_is_better("forgetting") and lower_is_better("perplexity")
     assert not lower_is_better("accuracy") and not lower_is_better("accuracy_matched")
+
+
+def write_splits(folder, n=(24, 8, 6)):
+    rows = arithmetic_problems(sum(n), seed=7)
+    files, start = [], 0
+    for split, size in zip(("train", "validation", "test"), n):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[start:start + size]))
+        files.append(f"task.files.{split}={folder / split}.jsonl")
+        start += size
+    return files
+
+
+def sweep_runs(folder):
+    import glob
+    import os
+
+    return [json.load(open(p)) for p in glob.glob(os.path.join(folder, "**", "metrics.json"), recursive=True)
+            if json.load(open(p))["eval_splits"] != ["dev"]]
+
+
+def test_llm_method_comparison_runs_every_row_at_two_steps_on_a_tiny_llama(tmp_path):
+    """The GPU preset as shipped, with the model and data swapped for a tiny Llama and local files."""
+    from tests.helpers import run_cli
+
+    result = run_cli(["experiment=llm_method_comparison", "model=tiny_llama", "model.pretrained=null",
+                      "task=local_instruct", *write_splits(tmp_path), "budget=r2", "train.max_steps=2",
+                      "task.max_new_tokens=4", "train.mixed_precision=no", "logger=none",
+                      "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sweep_runs(tmp_path / "sweep")
+    assert sorted(r["allocator"] for r in runs) == sorted(
+        ["uniform", "frobenius_greedy", "hessian_offline", "hessian_online", "data_weighted", "eva", "gora", "dora",
+         "adalora"])
+    cfg = json.loads(json.dumps(compose_cfg(["experiment=llm_method_comparison"]).lora.alpha))
+    assert cfg == 64 and all(r["steps"] == 2 and "forgetting" not in r and "accuracy" in r for r in runs)
+    assert all(set(r["ranks"]) <= {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+               for r in runs)
+
+
+def test_llm_track_cpu_runs_tuned_rows_with_forgetting_and_a_report(tmp_path):
+    from tests.helpers import run_cli
+
+    result = run_cli(["experiment=llm_track_cpu", "model=tiny_gpt2", "table_row=uniform,hessian_online", "seed=0",
+                      "task.sizes={train:96,validation:8,test:6}", "task.max_train_samples=96",
+                      "task.forgetting.max_eval_samples=4", "task.max_new_tokens=4", "train.max_steps=2",
+                      "hydra.sweeper.lr_factors=[1.0]", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sweep_runs(tmp_path / "sweep")
+    assert sorted(r["allocator"] for r in runs) == ["hessian_online", "uniform"]
+    assert all("forgetting" in r and r["reported_metrics"][0] == "accuracy" for r in runs)
+    report = run_cli(["sweep"], cwd=tmp_path, program="lorambo-report")
+    assert report.returncode == 0 and "forgetting" in report.stdout, report.stderr[-2000:]
