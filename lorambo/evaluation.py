@@ -59,6 +59,6 @@ def reported_metrics(task_cfg, splits: list[str]) -> list[str]:
     base = next((main[: -len(s) - 1] for s in [*splits, *named] if main.endswith("_" + s)), main)
     if splits == ["dev"]:  # a dev split carved from train (task.dev_fraction): one split, plain names
         return [base]
-    if len(splits) == 1:
-        return [main]
+    if len(splits) == 1:  # every metric the task names, the main one first (MRPC: F1 and accuracy)
+        return [main, *[m for m in task_cfg.get("metrics", []) if m != main]]
     return [f"{base}_{s}" for s in splits]

@@ -6,13 +6,16 @@ import numpy as np
 
 
 def task_metrics(names, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from scipy.stats import pearsonr
+    from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import f1_score, matthews_corrcoef
 
     out = {}
     for name in names:
-        if name == "pearson":
-            out[name] = float(pearsonr(logits.reshape(-1), labels.reshape(-1))[0])
+        if name in ("pearson", "spearman", "pearson_spearman"):  # STS-B; AdaLoRA reports the mean of the two
+            x, y = logits.reshape(-1), labels.reshape(-1)
+            pearson, spearman = float(pearsonr(x, y)[0]), float(spearmanr(x, y)[0])
+            out[name] = {"pearson": pearson, "spearman": spearman,
+                         "pearson_spearman": (pearson + spearman) / 2}[name]
             continue
         predictions = logits.argmax(-1)
         if name == "accuracy":

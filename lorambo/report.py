@@ -24,7 +24,7 @@ from lorambo.config import CONF_DIR
 from lorambo.errors import LoramboError
 from lorambo.results import read_jsonl
 
-PERCENT_METRICS = ("accuracy", "f1", "mcc", "pearson")
+PERCENT_METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 TASK_ORDER = ["cola", "stsb", "mrpc", "rte", "sst2", "mnli", "qnli", "qqp", "wikitext103", "imagenet1k",
               "rt_snippets", "wiki_pairs", "wiki_summaries", "wiki_adapt", "fashion_mnist", "fmnist_adapt"]
 
@@ -254,14 +254,16 @@ def build_cells(runs: list[dict], paper: str) -> list[dict]:
             value = m.get(column[1])
             if value is not None:
                 groups.setdefault((m["model"], row_key(m), column), []).append((m, value * metric_unit(column[1])))
-    lookup = paper_tables.paper_003 if paper == "003" else paper_tables.paper_000
+    lookup = paper_tables.PAPERS[paper]
     cells = []
     for (model, row, column), items in groups.items():
         values = [v for _, v in items]
         paper_model = paper_tables.MODEL_ANALOGUE[paper].get(model, model)
         paper_column = (paper_tables.TASK_ANALOGUE.get(column[0], column[0]), column[1],
                         *[paper_tables.BUDGET_ANALOGUE.get(b, b) for b in column[2:]])
-        paper_row = row.split(" [")[0] if paper_model == model else paper_tables.analogue_row(row.split(" [")[0])
+        # the CPU stand-ins of papers 000 and 003 run at half the paper's rank; AdaLoRA's tiny stand-in at its own
+        paper_row = (row.split(" [")[0] if paper_model == model or paper == "adalora"
+                     else paper_tables.analogue_row(row.split(" [")[0]))
         reference = lookup(paper_model, paper_row, paper_column)
         base = groups.get((model, baseline_row(row), column)) if baseline_row(row) else None
         base_values = [v for _, v in base] if base else []
@@ -502,7 +504,8 @@ def render(cells: list[dict], fmt: str, missing: list[str], paper: str, protocol
             writer.writerow(c)
         return out.getvalue()
     header, body = table_rows(cells)
-    legend = (f"Cells: mean ± sample std over seeds (n) in the paper's units; [paper {paper}'s number, ours minus "
+    source = paper_tables.PAPER_NAMES[paper]
+    legend = (f"Cells: mean ± sample std over seeds (n) in the paper's units; [{source}'s number, ours minus "
               f"it] where the paper has the cell (~: the number of the model and task this CPU stand-in replaces); "
               f"Δu: difference from uniform LoRA at the same budget, p: Welch's t-test over seeds, "
               f"*: p < 0.05 (beyond seed noise). scale: the update scale policy (matched: every layer at uniform's "
@@ -642,8 +645,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="lorambo-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run folders or sweep folders")
     parser.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
-    parser.add_argument("--paper", default="auto", choices=["auto", "000", "003"],
-                        help="whose numbers go beside the cells (auto: 003 when GaLore/AdaRankGrad runs are there)")
+    parser.add_argument("--paper", default="auto", choices=["auto", "000", "003", "adalora"],
+                        help="whose numbers go beside the cells (auto: 003 when GaLore/AdaRankGrad runs are there, "
+                             "adalora for DeBERTa-v3, else 000)")
     parser.add_argument("--out", help="folder for the report file and plots (default: the first path)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--savings", action="store_true",
@@ -655,7 +659,8 @@ def main(argv=None) -> None:
         if not runs:
             raise LoramboError(f"no finished runs (metrics.json) under {', '.join(args.paths)}")
         paper = args.paper if args.paper != "auto" else (
-            "003" if any(m["optimizer"] in ("galore", "adarankgrad") for m in runs) else "000")
+            "003" if any(m["optimizer"] in ("galore", "adarankgrad") for m in runs) else
+            "adalora" if any(m["model"].endswith("deberta_v3") for m in runs) else "000")
         tuned = tuning_records(args.paths)
         mark_tuned(runs, tuned)
         cells = build_cells(runs, paper)

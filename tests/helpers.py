@@ -35,3 +35,20 @@ def run_main(args, cwd, monkeypatch, capfd, program="lorambo-run"):
         code = e.code if isinstance(e.code, int) else 1
     out, err = capfd.readouterr()
     return code, out, err
+
+
+def write_csv_splits(folder, header, make_row, sizes: dict, seed: int = 0):
+    """A local copy of a hub dataset (what task.dataset.path reads): one CSV per split, each row from
+    make_row(rng), `sizes` rows per split."""
+    import csv
+    import random
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in sizes.items():
+        with open(os.path.join(folder, f"{split}.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for _ in range(n):
+                writer.writerow(make_row(rng))
+    return folder

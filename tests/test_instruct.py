@@ -235,3 +235,44 @@ def test_llm_track_cpu_runs_tuned_rows_with_forgetting_and_a_report(tmp_path):
     assert all("forgetting" in r and r["reported_metrics"][0] == "accuracy" for r in runs)
     report = run_cli(["sweep"], cwd=tmp_path, program="lorambo-report")
     assert report.returncode == 0 and "forgetting" in report.stdout, report.stderr[-2000:]
+
+
+def test_sts_b_reports_pearson_spearman_and_their_mean():
+    import numpy as np
+
+    from lorambo.metrics import task_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.uniform(0, 5, 50)
+    predictions = labels + rng.normal(0, 1.5, 50)
+    out = task_metrics(["pearson", "spearman", "pearson_spearman"], predictions[:, None], labels)
+    rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # no ties: Spearman is Pearson of the ranks
+    pearson = np.corrcoef(predictions, labels)[0, 1]
+    spearman = np.corrcoef(rank(predictions), rank(labels))[0, 1]
+    assert out["pearson"] == pytest.approx(pearson) and out["spearman"] == pytest.approx(spearman)
+    assert out["pearson_spearman"] == pytest.approx((pearson + spearman) / 2)
+
+
+def test_adalora_glue_runs_every_row_at_two_steps_and_reports_the_papers_numbers(tmp_path):
+    """The GPU preset on a tiny DeBERTa-v3 and a local STS-B copy: AdaLoRA's recipe, its rows, its metrics, and
+    AdaLoRA Table 1's numbers beside ours in the report."""
+    from tests.helpers import run_cli, write_csv_splits
+
+    def row(rng):
+        score = rng.uniform(0, 5)
+        return [f"a film of {round(score)} stars", "a good film", score]
+
+    glue = write_csv_splits(tmp_path / "stsb", ["sentence1", "sentence2", "label"], row,
+                            {"train": 64, "validation": 24})
+    cfg = compose_cfg(["experiment=adalora_glue", "task=stsb"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.task.max_length, cfg.train.batch_size) == (25, 2.2e-3, 128, 32)
+    result = run_cli(["experiment=adalora_glue", "task=stsb", f"task.dataset.path={glue}", "task.dataset.name=null",
+                      "model=tiny_deberta_v3", "model.pretrained=null", "seed=0", "train.max_steps=2",
+                      "train.batch_size=8", "logger=none", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sweep_runs(tmp_path / "sweep")
+    assert len(runs) == 10 and all(r["reported_metrics"] == ["pearson", "spearman", "pearson_spearman"]
+                                   for r in runs)
+    report = run_cli(["sweep", "--no-plots"], cwd=tmp_path, program="lorambo-report")
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "AdaLoRA Table 1 (arXiv 2303.10512v2)" in report.stdout and "[~91.68," in report.stdout  # LoRA r=2

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lorambo.data import load_task
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
-from tests.helpers import compose_cfg, run_in_process
+from tests.helpers import compose_cfg, run_in_process, write_csv_splits
 
 QUICK = ["train.max_steps=6", "train.log_every=3", "train.batch_size=8", "train.eval_batch_size=32",
          "task.max_train_samples=64", "task.max_eval_samples=48", "train.eval_every=3"]
@@ -260,16 +260,11 @@ def test_hub_loading_path_takes_local_folders(tmp_path):
     base = build_model(compose_cfg(["model=tiny_bert"]).model, cfg.task, build_tokenizer(cfg.model))
     base.save_pretrained(tmp_path / "model")
     build_tokenizer(cfg.model).save_pretrained(tmp_path / "model")
-    glue = tmp_path / "qnli"
-    glue.mkdir()
-    rng = random.Random(0)
-    for split, n in (("train", 96), ("validation", 32)):
-        with open(glue / f"{split}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["question", "sentence", "label"])
-            for _ in range(n):
-                label = rng.randint(0, 1)
-                writer.writerow(["is it good?", "yes it is good" if label else "no", label])
+    def row(rng):
+        label = rng.randint(0, 1)
+        return ["is it good?", "yes it is good" if label else "no", label]
+
+    glue = write_csv_splits(tmp_path / "qnli", ["question", "sentence", "label"], row, {"train": 96, "validation": 32})
     metrics = run_in_process(["model=bert", f"model.pretrained={tmp_path / 'model'}", "task=qnli",
                               f"task.dataset.path={glue}", "task.dataset.name=null", *QUICK, "budget=r4"],
                              tmp_path / "run")
