@@ -61,7 +61,7 @@ def run(cfg, run_dir: str) -> dict:
     # --- data, base model, layers, method, ranks, adapter
     data, model = load_data_and_base(cfg, run_dir, main)
     if data.evaluate is not None:  # the base model's own scores, before any adapter (forgetting)
-        data.evaluate.observe_base(model)
+        data.evaluate.observe_base(model.to(accelerator.device))
     layers = adaptable_layers(model, cfg.model.target_modules)
     head_params = sum(p.numel() for p in head_parameters(model, cfg.model.head_modules))
     steps = training_steps(cfg, len(data.train), accelerator.num_processes)
