@@ -12,7 +12,7 @@ from lorambo.budget import allocation_cost, resolve_p_max
 from lorambo.devices import make_accelerator
 from lorambo.errors import LoramboError
 from lorambo.methods import build_method
-from lorambo.models import adaptable_layers, check_model_fits_task, resolve_family
+from lorambo.models import adaptable_layers, check_model_fits_task, load_data_and_base, resolve_family
 from lorambo.results import write_json_atomic, write_text_atomic
 from lorambo.schema import validate
 
@@ -21,7 +21,6 @@ def write_allocation_for_peft(cfg, out_dir: str) -> dict:
     """adapter_config.json, allocation.json and sensitivities.json in `out_dir`; returns the allocation."""
     from accelerate.utils import set_seed
 
-    from lorambo.train import load_data_and_base
 
     validate(cfg)
     resolve_family(cfg)

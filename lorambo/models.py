@@ -15,6 +15,7 @@ FAMILY_TASK_TYPES = {
     "t5": {"classification", "regression"},  # T5ForSequenceClassification: see README, "T5"
     "causal_lm": {"lm", "instruct"},
     "vision": {"image_classification"},
+    "auto": {"classification", "regression", "lm", "instruct"},  # model=hf and the new families: resolve_family
 }
 
 
@@ -26,6 +27,8 @@ def resolve_family(cfg) -> None:
     weights): a causal LM for a language-modelling task, else a sequence classifier (encoder-decoder: "t5")."""
     if cfg.model.family != AUTO:
         return
+    if not cfg.model.pretrained and not cfg.model.get("hf_config"):
+        raise LoramboError(f"model={cfg.model.name} needs model.pretrained=ORG/NAME (a hub id) or a local folder")
     config = hf_config(cfg.model)
     if cfg.task.type in ("lm", "instruct"):
         if config.is_encoder_decoder:
@@ -182,7 +185,9 @@ def prepare_base_for_training(model: nn.Module, model_cfg, train_cfg) -> nn.Modu
 
 def use_gradient_checkpointing(model: nn.Module) -> None:
     """train.gradient_checkpointing: activations recomputed in the backward instead of kept (Hugging Face's
-    own switch; timm's for vision); the non-reentrant form, which frozen inputs and adapters need."""
+    own switch; timm's for vision); the non-reentrant form, which frozen inputs and adapters need. On a PEFT
+    model, its base."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif hasattr(model, "set_grad_checkpointing"):
@@ -298,6 +303,28 @@ def head_parameters(model: nn.Module, head_modules) -> list[torch.nn.Parameter]:
     for name in head_modules:
         params += list(model.get_submodule(name).parameters())
     return params
+
+
+def load_data_and_base(cfg, run_dir: str, main: bool, device=None):
+    """The task's data and the base model with its layers and head found; a task with its own evaluation sees
+    the base first (instruct: forgetting's reference loss, on `device`)."""
+    from lorambo.data import load_task
+    from lorambo.results import write_json_atomic
+
+    tokenizer = build_tokenizer(cfg.model)
+    data = load_task(cfg.task, cfg.model, tokenizer)
+    model = build_model(cfg.model, cfg.task, tokenizer)
+    resolve_auto_modules(cfg.model, model)
+    model = prepare_base_for_training(model, cfg.model, cfg.train)
+    if data.label_names:  # a local file's class names: in the model's config (saved with it) and the folder
+        name_labels(model, data.label_names)
+        if main:
+            write_json_atomic(os.path.join(run_dir, "labels.json"), dict(enumerate(data.label_names)))
+    if not cfg.model.pretrained and not cfg.model.get("pretrain") and main:
+        save_base_model(model, cfg.model, run_dir)  # a config-built base is random: keep it for reloading
+    if data.evaluate is not None:
+        data.evaluate.observe_base(model.to(device) if device is not None else model)
+    return data, model
 
 
 def save_base_model(model, model_cfg, run_dir: str) -> None:

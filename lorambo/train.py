@@ -17,16 +17,15 @@ from tqdm.auto import tqdm
 from lorambo import checkpoint
 from lorambo.allocation import choose_ranks
 from lorambo.budget import budget_label, resolve_p_max
-from lorambo.data import data_loaders, load_task
+from lorambo.data import data_loaders
 from lorambo.devices import make_accelerator, prepare, unwrap
 from lorambo.dropout import use_mask_dropout
 from lorambo.errors import LoramboError
 from lorambo.evaluation import evaluate_all, loss_and_logits, reported_metrics
 from lorambo.methods import build_method
-from lorambo.models import (adaptable_layers, build_model, build_tokenizer, check_model_fits_task, head_parameters,
-                            name_labels, prepare_base_for_training, resolve_auto_modules, resolve_family,
-                            save_base_model, use_gradient_checkpointing)
-from lorambo.optimizers import build_optimizer
+from lorambo.models import (adaptable_layers, check_model_fits_task, head_parameters, load_data_and_base,
+                            resolve_family, use_gradient_checkpointing)
+from lorambo.optimizers import build_optimizer, build_scheduler
 from lorambo.results import (RunLog, append_jsonl, optimizer_state_bytes, peak_memory_bytes, reset_peak_memory,
                              write_json_atomic, write_text_atomic)
 from lorambo.schema import validate
@@ -46,7 +45,6 @@ class Progress:
 
 def run(cfg, run_dir: str) -> dict:
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     t_start = time.perf_counter()
     validate(cfg)  # every value and key, once, before anything is built
@@ -59,9 +57,7 @@ def run(cfg, run_dir: str) -> dict:
     main = accelerator.is_main_process
 
     # --- data, base model, layers, method, ranks, adapter
-    data, model = load_data_and_base(cfg, run_dir, main)
-    if data.evaluate is not None:  # the base model's own scores, before any adapter (forgetting)
-        data.evaluate.observe_base(model.to(accelerator.device))
+    data, model = load_data_and_base(cfg, run_dir, main, accelerator.device)
     layers = adaptable_layers(model, cfg.model.target_modules)
     head_params = sum(p.numel() for p in head_parameters(model, cfg.model.head_modules))
     steps = training_steps(cfg, len(data.train), accelerator.num_processes)
@@ -71,7 +67,7 @@ def run(cfg, run_dir: str) -> dict:
                                                                    accelerator, run_dir)
     model = method.wrap(model, p_max, allocation["ranks"], allocation["stats"])
     if cfg.train.get("gradient_checkpointing"):  # after the statistics: they take their gradients unchecked
-        use_gradient_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        use_gradient_checkpointing(model)
     if cfg.train.get("dropout_masks") == "packed":
         use_mask_dropout(model)
     if resumed:
@@ -80,11 +76,7 @@ def run(cfg, run_dir: str) -> dict:
     # --- optimisation
     train_loader, eval_loaders = data_loaders(cfg, data)
     optimizer = build_optimizer(cfg.optimizer, cfg.train, method.param_groups(model))
-    # accelerate steps a prepared scheduler once per process at each optimizer step (it assumes a schedule
-    # written for one process), so the schedule is laid out in those units, as Hugging Face's own scripts do
-    n = accelerator.num_processes
-    scheduler = get_scheduler(cfg.train.get("scheduler", "linear"), optimizer,
-                              num_warmup_steps=int(cfg.train.warmup_ratio * steps) * n, num_training_steps=steps * n)
+    scheduler = build_scheduler(cfg.train, optimizer, steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = prepare(accelerator, model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
     evaluate_now = lambda m: evaluate_all(m, eval_loaders, cfg.task, accelerator, data.evaluate)
@@ -234,21 +226,6 @@ def log_training(cfg, accelerator, log, bar, p: Progress, optimizer, scheduler, 
     log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], "train/samples_per_second": rate}, p.step)
     p.interval_loss, p.interval_batches = 0.0, 0
     return time.perf_counter()
-
-
-def load_data_and_base(cfg, run_dir: str, main: bool):
-    tokenizer = build_tokenizer(cfg.model)
-    data = load_task(cfg.task, cfg.model, tokenizer)
-    model = build_model(cfg.model, cfg.task, tokenizer)
-    resolve_auto_modules(cfg.model, model)
-    model = prepare_base_for_training(model, cfg.model, cfg.train)
-    if data.label_names:  # a local file's class names: in the model's config (saved with it) and the folder
-        name_labels(model, data.label_names)
-        if main:
-            write_json_atomic(os.path.join(run_dir, "labels.json"), dict(enumerate(data.label_names)))
-    if not cfg.model.pretrained and not cfg.model.get("pretrain") and main:
-        save_base_model(model, cfg.model, run_dir)  # a config-built base is random: keep it for reloading
-    return data, model
 
 
 def training_steps(cfg, train_examples: int, num_processes: int) -> int:

@@ -98,6 +98,8 @@ def test_models_that_cannot_be_adapted_get_one_line(tmp_path, monkeypatch, capfd
     lines = [line for line in err.splitlines() if line.startswith("lorambo-run: error:")]
     assert code != 0 and len(lines) == 1 and "Traceback" not in err
     assert "no Linear/Conv1D layer inside repeated transformer blocks" in lines[0] and "block stacks found" in lines[0]
+    code, _, err = run_main(["model=hf", "task=rt_snippets", "logger=none"], tmp_path, monkeypatch, capfd)
+    assert code != 0 and "model=hf needs model.pretrained=ORG/NAME" in err and "Traceback" not in err
     with pytest.raises(LoramboError, match="decoder-only"):
         resolve_family(compose_cfg(["model=hf", "model.pretrained=null", "task=wiki_summaries",
                                     "+model.hf_config={model_type:t5,d_model:8}"]))
@@ -107,7 +109,7 @@ def test_models_that_cannot_be_adapted_get_one_line(tmp_path, monkeypatch, capfd
 def test_every_statistic_and_allocator_on_the_new_families(family):
     """Every statistic measured on the real model (DeBERTa runs query_proj and key_proj on its position
     embeddings too), then every allocator spends the budget on what was found."""
-    from lorambo.train import load_data_and_base
+    from lorambo.models import load_data_and_base
 
     cfg = compose_cfg([*NEW[family], *FAST])
     resolve_family(cfg)

@@ -19,3 +19,14 @@ def build_optimizer(optimizer_cfg, train_cfg, groups: list[dict]):
     if name == "adamw":
         groups = [{k: v for k, v in group.items() if k != "low_rank"} for group in groups]
     return OPTIMIZERS[name](groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, **options)
+
+
+def build_scheduler(train_cfg, optimizer, steps: int, num_processes: int):
+    """train.scheduler (transformers' get_scheduler: linear, cosine, ...) after train.warmup_ratio of the steps.
+    accelerate steps a prepared scheduler once per process at each optimizer step (it assumes a schedule written
+    for one process), so the schedule is laid out in those units, as Hugging Face's own scripts do."""
+    from transformers import get_scheduler
+
+    n = num_processes
+    return get_scheduler(train_cfg.get("scheduler", "linear"), optimizer,
+                         num_warmup_steps=int(train_cfg.warmup_ratio * steps) * n, num_training_steps=steps * n)
