@@ -246,6 +246,8 @@ class InstructEvaluation:
         self.cfg, self.tokenizer, self.test_rows = task_cfg, tokenizer, test_rows
         self.validation, self.general, self.collate = validation, general_blocks, collate
         self.base_general_loss = None
+        # tokenised once: every evaluation (each search run's dev, the final test) generates from the same prompts
+        self.prompts = [prompt_ids(tokenizer, prompt_text(tokenizer, r["prompt"], task_cfg)) for r in test_rows]
 
     def observe_base(self, model) -> None:
         if self.general is not None:
@@ -256,8 +258,7 @@ class InstructEvaluation:
         from tqdm.auto import tqdm
 
         model.eval()
-        prompts = [prompt_ids(self.tokenizer, prompt_text(self.tokenizer, r["prompt"], self.cfg))
-                   for r in self.test_rows]
+        prompts = self.prompts
         answers, size = [], self.cfg.eval_batch_size
         end, device = end_token_id(self.tokenizer), next(model.parameters()).device
         with torch.no_grad():

@@ -42,8 +42,9 @@ def resolve_family(cfg) -> None:
                            f"'{cfg.model.name}' is a Hugging Face text model")
 
 
-def hf_config(model_cfg):
-    """The transformers config of `pretrained` (hub id or local folder) or of `hf_config` (no download)."""
+def hf_config(model_cfg, defaults=None, overrides=None):
+    """The transformers config of `pretrained` (hub id or local folder) or of `hf_config` (no download); for the
+    latter, `defaults` fill settings that hf_config leaves out and `overrides` replace them."""
     from omegaconf import OmegaConf
     from transformers import AutoConfig
 
@@ -53,8 +54,19 @@ def hf_config(model_cfg):
         except (OSError, ValueError) as e:
             raise LoramboError(f"cannot load model.pretrained='{model_cfg.pretrained}': {str(e).splitlines()[0]}")
     # to_container: a list value (DeBERTa's pos_att_type) must reach transformers as a list, not a ListConfig
-    settings = OmegaConf.to_container(model_cfg.hf_config, resolve=True)
+    settings = {**(defaults or {}), **OmegaConf.to_container(model_cfg.hf_config, resolve=True), **(overrides or {})}
     return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
+def tokenizer_settings(model_cfg, tokenizer) -> dict:
+    """A config-built model shares the tokenizer's vocabulary and special tokens."""
+    if tokenizer is None:
+        return {}
+    settings = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    if model_cfg.family == "t5":
+        settings["eos_token_id"] = tokenizer.sep_token_id or tokenizer.eos_token_id
+        settings["decoder_start_token_id"] = tokenizer.pad_token_id
+    return settings
 
 
 def check_model_fits_task(model_cfg, task_cfg) -> None:
@@ -93,7 +105,7 @@ def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
         model_cfg = OmegaConf.merge(model_cfg, {"pretrained": ensure_pretrained(model_cfg), "pretrain": None})
     if model_cfg.family == "vision":
         return _build_timm(model_cfg, task_cfg)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if model_cfg.family == "causal_lm" else AutoModelForSequenceClassification
     extra = {"dtype": base_dtype(model_cfg)}
@@ -109,25 +121,14 @@ def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
         except (OSError, ValueError) as e:  # ValueError: transformers has no such head for this architecture
             raise LoramboError(f"cannot load model.pretrained='{model_cfg.pretrained}': {str(e).splitlines()[0]}")
     else:
-        from omegaconf import OmegaConf
-
-        # to_container: a list value (DeBERTa's pos_att_type) must reach transformers as a list
-        settings = OmegaConf.to_container(model_cfg.hf_config, resolve=True)
-        model_type = settings.pop("model_type")
-        if tokenizer is not None:  # a config-built model shares the tokenizer's vocabulary and specials
-            settings.setdefault("vocab_size", len(tokenizer))
-            settings.setdefault("pad_token_id", tokenizer.pad_token_id)
-            if model_cfg.family == "t5":
-                settings.setdefault("eos_token_id", tokenizer.sep_token_id or tokenizer.eos_token_id)
-                settings.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
         dtype = extra.pop("dtype")
         if extra.pop("quantization_config", None) is not None:
             raise LoramboError("model.quantize needs pretrained weights to quantise; set model.pretrained")
-        config = AutoConfig.for_model(model_type, **settings, **extra)
+        config = hf_config(model_cfg, defaults=tokenizer_settings(model_cfg, tokenizer), overrides=extra)
         try:
             model = auto.from_config(config, dtype=dtype)
         except ValueError as e:  # transformers has no such head for this architecture
-            raise LoramboError(f"model '{model_cfg.name}' ({model_type}): {str(e).splitlines()[0]}")
+            raise LoramboError(f"model '{model_cfg.name}' ({config.model_type}): {str(e).splitlines()[0]}")
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

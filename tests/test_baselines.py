@@ -268,3 +268,21 @@ def test_eva_waits_only_for_the_directions_peft_would_use_not_a_degenerate_tail(
     # the two clear directions are found (the inputs' axes 0 and 1); the tail's are any orthonormal rest
     assert abs(directions[0, 0]) > 0.99 and abs(directions[1, 1]) > 0.98
     torch.testing.assert_close(directions @ directions.T, torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_adalora_target_rank_is_the_uniform_rank_nearest_the_budget():
+    """Brute force over candidate target ranks on random layer shapes; and at LoRA r's budget, r itself (the
+    old floor mapping gave r - 1 there, the singular values tipping the cost over)."""
+    from lorambo.methods.adalora import adalora_target_rank
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        layers = [LayerSpec(f"l{i}", int(rng.integers(1, 64)), int(rng.integers(1, 64)))
+                  for i in range(int(rng.integers(1, 8)))]
+        per_rank = sum(layer.cost + 1 for layer in layers)
+        p_max = int(rng.integers(per_rank, 20 * per_rank))
+        chosen = adalora_target_rank(layers, p_max)
+        assert all(abs(chosen * per_rank - p_max) <= abs(r * per_rank - p_max) for r in range(1, 25))
+    layers = [LayerSpec("q", 384, 384), LayerSpec("fc1", 1536, 384), LayerSpec("fc2", 384, 1536)]
+    for r in (1, 2, 4, 8):
+        assert adalora_target_rank(layers, r * sum(layer.cost for layer in layers)) == r

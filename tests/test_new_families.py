@@ -12,6 +12,7 @@ from lorambo.allocation import measure
 from lorambo.allocators import ALLOCATORS, allocate, import_allocators, required_stats
 from lorambo.budget import resolve_p_max
 from lorambo.errors import LoramboError
+from lorambo.methods.adalora import adalora_target_rank
 from lorambo.models import (adaptable_layers, build_model, build_tokenizer, found_head_modules, found_target_modules,
                             resolve_auto_modules, resolve_family)
 from tests.helpers import compose_cfg, run_in_process, run_main
@@ -146,7 +147,11 @@ def run_and_check(overrides, run_dir, base_dir=None):
     else:
         assert metrics["adapter_params"] == saved_lora_params(run_dir) == sum(
             r * (layers[n].cost + per_rank) for n, r in metrics["ranks"].items()) + dora
-    assert metrics["adapter_params"] <= metrics["p_max"]
+    if metrics["method"] == "adalora":  # it controls total rank, not parameters: its final pattern decides those
+        assert sum(metrics["ranks"].values()) == len(layers) * adalora_target_rank(list(layers.values()),
+                                                                                   metrics["p_max"])
+    else:
+        assert metrics["adapter_params"] <= metrics["p_max"]
     assert metrics["head_params"] == sum(p.numel() for h in cfg.model.head_modules
                                          for p in base.get_submodule(h).parameters())
     auto = AutoModelForCausalLM if cfg.model.family == "causal_lm" else AutoModelForSequenceClassification

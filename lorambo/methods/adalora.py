@@ -1,6 +1,6 @@
 """AdaLoRA through PEFT (`method=adalora`): starts above the budget and prunes to it during training.
 
-target_r = floor(P_max / sum_i (c_i + 1)); update_and_allocate runs after every optimizer step; adapter_params
+target_r = round(P_max / sum_i (c_i + 1)); update_and_allocate runs after every optimizer step; adapter_params
 counts the ranks its final pattern keeps (A row + B column + singular value each)."""
 
 import re
@@ -17,8 +17,10 @@ from lorambo.methods.lora import load_tensors, plot_final_ranks, save_adapter, t
 
 def adalora_target_rank(layers: list[LayerSpec], p_max: int) -> int:
     """AdaLoRA keeps target_r ranks per layer on average, each costing d_out + d_in + 1 (A row, B column,
-    singular value): the largest target_r whose uniform cost fits P_max."""
-    return p_max // sum(layer.cost + 1 for layer in layers)
+    singular value): the target_r whose uniform cost is nearest P_max. Nearest, not the largest that fits: at
+    uniform LoRA r's budget that is r, AdaLoRA's own budget for that row (its Table 1: total rank r x layers),
+    where the largest that fits is r - 1 (the singular values tip it over), half the budget at r = 2."""
+    return round(p_max / sum(layer.cost + 1 for layer in layers))
 
 
 def wrap_adalora(model: nn.Module, layers: list[LayerSpec], p_max: int, head_modules, lora_cfg, options,
