@@ -54,6 +54,24 @@ def ensure_pretrained(model_cfg) -> str:
     return weights_path(base, model_cfg.family)
 
 
+def base_sha256(model_cfg) -> str | None:
+    """The sha256 of a base pretrained here (its weight files in name order), recorded in every run on it: two
+    runs with the same config and seed give the same numbers only on the same base. None for other bases."""
+    if not model_cfg.get("pretrain"):
+        return None
+    path = weights_path(base_path(model_cfg), model_cfg.family)
+    if not os.path.exists(path):
+        return None
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt")))
+    digest = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def hydra_value(value) -> str:
     """A plain value (str, number, bool, None, list, dict) in Hydra's override grammar."""
     if isinstance(value, dict):

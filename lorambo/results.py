@@ -1,5 +1,6 @@
 """Result files: written whole or not at all."""
 
+import importlib.metadata
 import json
 import os
 import resource
@@ -43,6 +44,14 @@ def read_jsonl(path) -> list[dict]:
     """Every record of a JSONL file: the one JSONL reader."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# the libraries whose versions change a run's numbers (constraints.txt pins them; metrics.json records them)
+NUMERIC_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "timm", "numpy")
+
+
+def library_versions() -> dict:
+    return {name: importlib.metadata.version(name) for name in NUMERIC_LIBRARIES}
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -26,8 +26,9 @@ from lorambo.methods import build_method
 from lorambo.models import (adaptable_layers, check_model_fits_task, head_parameters, load_data_and_base,
                             resolve_family, use_gradient_checkpointing)
 from lorambo.optimizers import build_optimizer, build_scheduler
-from lorambo.results import (RunLog, append_jsonl, optimizer_state_bytes, peak_memory_bytes, reset_peak_memory,
-                             write_json_atomic, write_text_atomic)
+from lorambo.pretrain import base_sha256
+from lorambo.results import (RunLog, append_jsonl, library_versions, optimizer_state_bytes, peak_memory_bytes,
+                             reset_peak_memory, write_json_atomic, write_text_atomic)
 from lorambo.schema import validate
 
 
@@ -114,6 +115,7 @@ def run(cfg, run_dir: str) -> dict:
         "step_seconds_median": statistics.median(progress.step_times), "steps": progress.step,
         "resumed_from_step": resumed["progress"]["step"] if resumed else None, "lr": cfg.train.lr,
         "mixed_precision": accelerator.mixed_precision, "threads": torch.get_num_threads(),
+        "base_sha256": base_sha256(cfg.model), "versions": library_versions(),  # what the same numbers need
     }
     if main:
         write_results(method, metrics, unwrapped, log, resolved, run_dir, t_start, progress.step)

@@ -1,6 +1,8 @@
 """Bases pretrained here for the CPU tables: disjoint pretraining and adaptation data, a pretraining run done
 once and cached, and the adapted model starting from those weights."""
 
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -60,3 +62,14 @@ def test_base_is_pretrained_once_cached_and_loaded(tmp_path, monkeypatch):
     name = "transformer.h.0.attn.c_attn.weight"
     weight = lambda m: dict(m.named_parameters())[name]
     assert torch.equal(weight(loaded), weight(saved)) and not torch.equal(weight(loaded), weight(fresh))
+    # every run on the base records its checksum and the libraries' versions: what the same numbers need
+    with open(os.path.join(base, "model", "model.safetensors"), "rb") as f:
+        expected = hashlib.sha256(f.read()).hexdigest()
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("first", "second")]
+    assert [m["base_sha256"] for m in metrics] == [expected, expected]
+    assert metrics[0]["versions"]["torch"] == torch.__version__
+    # pretraining is deterministic: the same base pretrained again from scratch (a new cache) is bit-identical
+    monkeypatch.setenv("LORAMBO_CACHE", str(tmp_path / "cache_again"))
+    again = run_cli([*args, "hydra.run.dir=again"], cwd=tmp_path, timeout=900)
+    assert again.returncode == 0 and "pretraining the base" in again.stderr, again.stderr[-3000:]
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["base_sha256"] == expected
