@@ -59,9 +59,7 @@ def base_sha256(model_cfg) -> str | None:
     runs with the same config and seed give the same numbers only on the same base. None for other bases."""
     if not model_cfg.get("pretrain"):
         return None
-    path = weights_path(base_path(model_cfg), model_cfg.family)
-    if not os.path.exists(path):
-        return None
+    path = weights_path(base_path(model_cfg), model_cfg.family)  # ensure_pretrained made it before the run
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt")))
     digest = hashlib.sha256()
