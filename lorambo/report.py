@@ -348,6 +348,37 @@ def capacity_lines(runs: list[dict], curves: dict) -> list[str]:
     return lines
 
 
+def environment_lines(runs: list[dict]) -> list[str]:
+    """Header lines when one table's runs were not made alike: a model fine-tuned from different pretrained bases
+    (base_sha256), or different library versions (a run's numbers change with them, issue 17). Runs from before
+    these were recorded are counted, not guessed."""
+    lines = []
+    by_model = {}
+    for m in runs:
+        if m.get("base_sha256"):
+            by_model.setdefault(m["model"], {}).setdefault(m["base_sha256"], []).append(m)
+    for model, bases in sorted(by_model.items()):
+        if len(bases) > 1:
+            counts = ", ".join(f"{sha[:12]} ({len(ms)} runs)" for sha, ms in sorted(bases.items()))
+            lines.append(f"**Mixed bases** ({model}): the runs start from different pretrained bases: {counts}; "
+                         f"compare rows only within one base.")
+    versions = {}
+    for m in runs:
+        for lib, version in (m.get("versions") or {}).items():
+            versions.setdefault(lib, {}).setdefault(version, 0)
+            versions[lib][version] += 1
+    mixed = {lib: v for lib, v in sorted(versions.items()) if len(v) > 1}
+    if mixed:
+        libs = "; ".join(f"{lib} " + ", ".join(f"{ver} ({n} runs)" for ver, n in sorted(v.items()))
+                         for lib, v in mixed.items())
+        lines.append(f"**Mixed library versions**: {libs}; numbers can differ by more than seed noise across them.")
+    unrecorded = sum(1 for m in runs if not m.get("versions"))
+    if unrecorded and unrecorded < len(runs):
+        lines.append(f"{unrecorded} of {len(runs)} runs predate the record of library versions: their environment "
+                     f"cannot be compared with the others'.")
+    return lines
+
+
 def savings_tables(curves: dict, fmt: str) -> str:
     """`--savings`: per table, for each allocator, the adapter parameters it needs to reach uniform's metric at
     each of uniform's budgets, as a ratio to uniform's (below 1: it saves parameters), with a 95% bootstrap
@@ -666,7 +697,7 @@ def main(argv=None) -> None:
         cells = build_cells(runs, paper)
         curves = comparison.sweep_curves(runs)
         text = render(cells, args.format, missing, paper, protocol_line(runs, tuned), search_table(tuned),
-                      capacity_lines(runs, curves))
+                      capacity_lines(runs, curves) + environment_lines(runs))
         out_dir = args.out or (args.paths[0] if os.path.isdir(args.paths[0]) else ".")
         os.makedirs(out_dir, exist_ok=True)
         from lorambo.results import write_text_atomic

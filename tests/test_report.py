@@ -276,3 +276,31 @@ def test_savings_table_and_plot_from_a_sweep_with_a_known_answer(tmp_path, templ
     report_main([str(tmp_path), "--out", str(tmp_path), "--savings", "--format", "latex", "--no-plots"])
     latex = open(tmp_path / "savings.tex").read()
     assert r"data\_weighted & $\le$ 40,000" in latex and "\\end{tabular}" in latex
+
+
+def test_the_header_warns_when_a_tables_runs_come_from_different_bases_or_library_versions(tmp_path, template,
+                                                                                           capsys):
+    assert template["versions"]["torch"]  # a real run records its versions: the alike table below has no warning
+    alike, mixed = tmp_path / "alike", tmp_path / "mixed"
+    alike.mkdir(), mixed.mkdir()
+    fake_runs(alike, template, "small_gpt2_wiki", {("uniform", "r4"): [0.8, 0.81], ("gradient", "r4"): [0.8, 0.8]})
+    fake_runs(mixed, template, "small_gpt2_wiki", {("uniform", "r4"): [0.8, 0.81, 0.79], ("gradient", "r4"): [0.8]})
+    for i, run_dir in enumerate(sorted(mixed.iterdir())):  # uniform s0 on another base, gradient and uniform s2 on
+        m = json.load(open(run_dir / "metrics.json"))     # another torch, uniform s1 from before the record
+        if run_dir.name.endswith("uniform_r4_s0"):
+            m["base_sha256"] = "b" * 64
+        elif run_dir.name.endswith("uniform_r4_s1"):
+            del m["versions"]
+        else:
+            m["base_sha256"], m["versions"] = "a" * 64, {**m["versions"], "torch": "2.99.0"}
+        json.dump(m, open(run_dir / "metrics.json", "w"))
+    for folder in (alike, mixed):
+        report_main([str(folder), "--out", str(folder), "--no-plots"])
+    alike_out, mixed_out = capsys.readouterr().out.split("runs; report and")[:2]
+    assert "Mixed" not in alike_out and "predate" not in alike_out
+    header = mixed_out.split("| model")[0]
+    assert "**Mixed bases** (small_gpt2_wiki)" in header
+    assert f"{'a' * 12} (2 runs), {'b' * 12} (1 runs)" in header
+    assert template["versions"]["torch"] < "2.99.0"  # versions listed in order
+    assert f"**Mixed library versions**: torch {template['versions']['torch']} (1 runs), 2.99.0 (2 runs)" in header
+    assert "1 of 4 runs predate the record of library versions" in header
