@@ -8,6 +8,7 @@ report the cells that have no result. Writes report.{md,tex,csv} and PNG plots i
 """
 
 import argparse
+import collections
 import functools
 import glob
 import json
@@ -362,11 +363,10 @@ def environment_lines(runs: list[dict]) -> list[str]:
             counts = ", ".join(f"{sha[:12]} ({len(ms)} runs)" for sha, ms in sorted(bases.items()))
             lines.append(f"**Mixed bases** ({model}): the runs start from different pretrained bases: {counts}; "
                          f"compare rows only within one base.")
-    versions = {}
+    versions = {}  # {library: Counter(version: runs)}
     for m in runs:
         for lib, version in (m.get("versions") or {}).items():
-            versions.setdefault(lib, {}).setdefault(version, 0)
-            versions[lib][version] += 1
+            versions.setdefault(lib, collections.Counter())[version] += 1
     mixed = {lib: v for lib, v in sorted(versions.items()) if len(v) > 1}
     if mixed:
         libs = "; ".join(f"{lib} " + ", ".join(f"{ver} ({n} runs)" for ver, n in sorted(v.items()))

@@ -285,8 +285,8 @@ def test_the_header_warns_when_a_tables_runs_come_from_different_bases_or_librar
     alike.mkdir(), mixed.mkdir()
     fake_runs(alike, template, "small_gpt2_wiki", {("uniform", "r4"): [0.8, 0.81], ("gradient", "r4"): [0.8, 0.8]})
     fake_runs(mixed, template, "small_gpt2_wiki", {("uniform", "r4"): [0.8, 0.81, 0.79], ("gradient", "r4"): [0.8]})
-    for i, run_dir in enumerate(sorted(mixed.iterdir())):  # uniform s0 on another base, gradient and uniform s2 on
-        m = json.load(open(run_dir / "metrics.json"))     # another torch, uniform s1 from before the record
+    for run_dir in sorted(mixed.iterdir()):  # uniform s0 on another base, gradient and uniform s2 on another
+        m = json.load(open(run_dir / "metrics.json"))  # base and torch, uniform s1 from before the record
         if run_dir.name.endswith("uniform_r4_s0"):
             m["base_sha256"] = "b" * 64
         elif run_dir.name.endswith("uniform_r4_s1"):
