@@ -523,7 +523,8 @@ CSV_FIELDS = ["model", "row", "task", "metric", "budget", "n", "mean", "std", "p
 
 
 def render(cells: list[dict], fmt: str, missing: list[str], paper: str, protocol: str = "",
-           search: list[str] = (), capacity: list[str] = ()) -> str:
+           search: list[str] = (), checks: list[str] = ()) -> str:
+    # checks: lines above the table (does the budget bind? were the runs made alike?)
     if fmt == "csv":
         import csv
         import io
@@ -544,12 +545,12 @@ def render(cells: list[dict], fmt: str, missing: list[str], paper: str, protocol
               f"adapter MiB: fp32 adapter tensors (full FT: the whole model). "
               f"a / b in the last columns: the value in each metric column, left to right, where they differ.")
     if fmt == "markdown":
-        lines = ([protocol, ""] if protocol else []) + ([*capacity, ""] if capacity else []) + [
+        lines = ([protocol, ""] if protocol else []) + ([*checks, ""] if checks else []) + [
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines + ["", legend, *search] + (["", *missing] if missing else [])) + "\n"
     if fmt == "latex":
-        lines = ([f"% {protocol}"] if protocol else []) + [f"% {line}" for line in capacity] + [
+        lines = ([f"% {protocol}"] if protocol else []) + [f"% {line}" for line in checks] + [
                  r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule",
                  " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
         lines += [" & ".join(latex_escape(x) for x in r) + r" \\" for r in body]
