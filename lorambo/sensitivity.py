@@ -255,8 +255,8 @@ def weighted_singular_values(W: torch.Tensor, G: torch.Tensor) -> np.ndarray:
     if W.shape[0] < W.shape[1]:
         M = W @ G @ W.t()
         eigenvalues = torch.linalg.eigvalsh((M + M.t()) / 2).clamp_min(0)
-        return eigenvalues.sqrt().flip(0).numpy()
-    return torch.linalg.svdvals(W @ psd_sqrt(G)).numpy()
+        return eigenvalues.sqrt().flip(0).cpu().numpy()
+    return torch.linalg.svdvals(W @ psd_sqrt(G)).cpu().numpy()
 
 
 def weighted_spectra(model, layers, covariances) -> dict[str, np.ndarray]:
@@ -265,7 +265,7 @@ def weighted_spectra(model, layers, covariances) -> dict[str, np.ndarray]:
 
 
 def weight_spectra(model, layers) -> dict[str, np.ndarray]:
-    return {l.name: torch.linalg.svdvals(weight_matrix(model.get_submodule(l.name)).detach().double()).numpy()
+    return {l.name: torch.linalg.svdvals(weight_matrix(model.get_submodule(l.name)).detach().double()).cpu().numpy()
             for l in layers}
 
 
@@ -325,7 +325,7 @@ def estimate(required: set[str], model, layers, batches, output_fn, settings, se
             gradient_batches = batches[: settings.gradient_batches]
             samples["gradient"], total = gradient_sensitivity(model, layers, gradient_batches, loss_fn, keep_sum)
             if "update_spectra" in required:
-                stats["update_spectra"] = {n: torch.linalg.svdvals(g.double()).numpy() for n, g in total.items()}
+                stats["update_spectra"] = {n: torch.linalg.svdvals(g.double()).cpu().numpy() for n, g in total.items()}
             if required & {"mean_gradient", "gradient_saliency"}:
                 stats["mean_gradient"] = {n: g / len(gradient_batches) for n, g in total.items()}
                 stats["gradient_saliency"] = gradient_saliency(model, stats["mean_gradient"])

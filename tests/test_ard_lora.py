@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorambo.methods.ard_lora import depth_chains, l1_penalty, soft_mask, true_parameter_count, tv_penalty
+from lorambo.methods.ard_lora import depth_chains, head_groups, l1_penalty, soft_mask, true_parameter_count, tv_penalty
 from lorambo.budget import LayerSpec
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
 from tests.helpers import compose_cfg, run_in_process
@@ -95,7 +95,10 @@ def test_ard_lora_counts_true_parameters_meets_the_budget_and_reloads(family, tm
     specs = adaptable_layers(build_model(cfg.model, cfg.task, build_tokenizer(cfg.model)), cfg.model.target_modules)
     r0 = metrics["p_max"] // sum(l.cost for l in specs)
     build_rank = min(math.ceil(cfg.method.alpha_max * r0), min(l.max_rank for l in specs))
-    assert metrics["trainable_params"] == metrics["head_params"] + build_rank * sum(l.cost for l in specs)
+    base = build_model(cfg.model, cfg.task, build_tokenizer(cfg.model))
+    per_head = cfg.model.get("per_head_modules") if cfg.method.per_head else None
+    scales = sum(head_groups(base, specs, per_head).values())  # the rank scales train too (one per layer or head)
+    assert metrics["trainable_params"] == metrics["head_params"] + build_rank * sum(l.cost for l in specs) + scales
     if family != "tiny_resnet":
         assert metrics["head_ranks"]  # attention projections got per-head ranks
     reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))

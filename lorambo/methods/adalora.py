@@ -72,10 +72,24 @@ class AdaLora(Method):
         return wrap_adalora(model, self.layers, p_max, self.cfg.model.head_modules, self.cfg.lora, self.opts,
                             self.steps)
 
+    restored_scores = None  # importance scores from a checkpoint, not yet placed
+
     def after_optimizer_step(self, model, step: int) -> None:
         from accelerate.utils import extract_model_from_parallel
 
-        extract_model_from_parallel(model).base_model.update_and_allocate(step)
+        model = extract_model_from_parallel(model)
+        if self.restored_scores is not None:
+            self.restore_scores(model)
+        model.base_model.update_and_allocate(step)
+
+    def restore_scores(self, model) -> None:
+        """Each restored score on the device of the parameter it scores (AdaLoRA names them as its inner model
+        does)."""
+        allocator = model.base_model.rankallocator
+        devices = {n: p.device for n, p in model.base_model.model.named_parameters()}
+        for k, scores in self.restored_scores.items():
+            setattr(allocator, k, {n: v.to(devices[n]) for n, v in scores.items()})
+        self.restored_scores = None
 
     def state(self, model) -> dict:
         """AdaLoRA masks rather than shrinks: its tensors keep their shapes; its importance scores go along."""
@@ -86,9 +100,9 @@ class AdaLora(Method):
 
     def load_state(self, model, state: dict) -> None:
         load_tensors(model, state["model"])
-        allocator = model.base_model.rankallocator
-        for k, v in state["adalora"].items():
-            setattr(allocator, k, v)
+        # a checkpoint is read on the host, and this runs before the model is placed on its device: the scores
+        # go to the device of the parameter each scores at the first step (restore_scores)
+        self.restored_scores = state["adalora"]
         model.peft_config[ADAPTER].rank_pattern = state["rank_pattern"]
 
     def finish(self, model, step: int) -> dict:

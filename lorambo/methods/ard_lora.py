@@ -29,6 +29,9 @@ from lorambo.methods import NoOptions, register
 from lorambo.methods.lora import Lora
 
 
+SCALES = "ard_rank_scales"  # the scales' module in the model (not saved in the adapter: PEFT keeps lora_ keys)
+
+
 def soft_mask(alpha: torch.Tensor, r0: float, rank: int, tau: float) -> torch.Tensor:
     """(heads, rank) mask: component j of head h is kept to the degree sigmoid((r0 alpha_h - j - 1/2) / tau)."""
     j = torch.arange(rank, dtype=alpha.dtype, device=alpha.device)
@@ -96,8 +99,12 @@ class RankScales:
         self.modules = lora_layers(peft_model)
         self.rank = ard_rank(r0, layers, options.alpha_max)
         self.names = sorted(self.modules)
+        # alpha = 1: uniform r0 to start; each scale on its layer's device, and registered in the model, so that
+        # whatever moves or wraps the model (accelerate's prepare, DDP's gradient averaging) moves and wraps them
         self.log_alpha = nn.ParameterList(
-            [nn.Parameter(torch.zeros(groups[n])) for n in self.names])  # alpha = 1: uniform r0 to start
+            [nn.Parameter(torch.zeros(groups[n], device=self.modules[n].lora_A[ADAPTER].weight.device))
+             for n in self.names])
+        peft_model.add_module(SCALES, self.log_alpha)
         self.chains = depth_chains(self.names)
         self.handles = [self._hook(n, self.modules[n], p) for n, p in zip(self.names, self.log_alpha)]
 
@@ -203,7 +210,9 @@ class ArdLora(Lora):
 
     def param_groups(self, model) -> list[dict]:
         # the rank scales learn at their own rate, without weight decay
-        return [*super().param_groups(model),
+        scales = {id(p) for p in self.scales.parameters()}
+        adapter = [p for p in model.parameters() if p.requires_grad and id(p) not in scales]
+        return [{"params": adapter},
                 {"params": self.scales.parameters(), "lr": self.opts.alpha_lr, "weight_decay": 0.0}]
 
     def loss_term(self):

@@ -82,7 +82,8 @@ class AdaRankGrad(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         if "generator" in state_dict:
-            self.generator.set_state(state_dict.pop("generator"))
+            self.generator.set_state(state_dict.pop("generator").cpu())  # a host generator; accelerate moves the
+            # whole state dict to the device first
         super().load_state_dict(state_dict)
 
     # --- subspace selection (Block 1) and moment transfer (Block 2)
