@@ -59,15 +59,21 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """auto: bf16 autocast where the hardware has bf16 arithmetic (a GPU that supports it, or a CPU with AMX or
-    AVX-512 BF16; measured on the offline default in docs/results.md: faster at the same accuracy), else
-    float32. Weights, adapter and optimizer state stay float32 either way: autocast only runs the matmuls of
+    """auto: bf16 autocast where the hardware has bf16 arithmetic (a GPU that has it, or a CPU with AMX or
+    AVX-512 BF16; measured on the offline default in docs/results.md: faster at the same accuracy); else fp16
+    with loss scaling on a GPU, float32 on a CPU. Weights, adapter and optimizer state stay float32 either way: autocast only runs the matmuls of
     the training step's forward (and so its backward) in bf16; evaluation is float32 (see `prepare`)."""
     if setting != "auto":
         return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if torch.cuda.is_available():  # a GPU without bf16 units: fp16, which accelerate runs with a GradScaler
+        return "bf16" if cuda_has_bf16() else "fp16"
     return "bf16" if cpu_has_bf16() else "no"
+
+
+def cuda_has_bf16() -> bool:
+    """Whether the GPU has bf16 arithmetic in hardware (Ampere and newer). torch.cuda.is_bf16_supported() says
+    True on older GPUs too, where bf16 is emulated (slowly, and not by the tensor cores)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def machine_cores() -> int:

@@ -94,9 +94,13 @@ def build_tokenizer(model_cfg):
     return tokenizer
 
 
-def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
+def build_model(model_cfg, task_cfg, tokenizer, trains_base: bool = False) -> nn.Module:
     """The base model, from the hub or a local path (`pretrained`), from `hf_config` with no download, or
-    pretrained here first (`pretrain`, lorambo/pretrain.py)."""
+    pretrained here first (`pretrain`, lorambo/pretrain.py). `trains_base` (full fine-tuning): float32 weights,
+    never quantised."""
+    if trains_base and model_cfg.get("quantize"):
+        raise LoramboError(f"model.quantize={model_cfg.quantize} makes the base frozen 4-bit weights, which full "
+                           f"fine-tuning cannot train; drop model.quantize (or train an adapter)")
     if model_cfg.get("pretrain"):
         from omegaconf import OmegaConf
 
@@ -108,7 +112,7 @@ def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if model_cfg.family == "causal_lm" else AutoModelForSequenceClassification
-    extra = {"dtype": base_dtype(model_cfg)}
+    extra = {"dtype": base_dtype(model_cfg, trains_base)}
     if model_cfg.get("quantize"):
         extra["quantization_config"] = four_bit_config(model_cfg)
     if model_cfg.family != "causal_lm":
@@ -137,12 +141,17 @@ def build_model(model_cfg, task_cfg, tokenizer) -> nn.Module:
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def base_dtype(model_cfg) -> torch.dtype:
-    """The frozen base weights' dtype (model.base_dtype): auto is bfloat16 on a GPU that has it (half the
-    memory of float32 for the weights that are never trained), else float32. Adapters and heads stay float32."""
+def base_dtype(model_cfg, trains_base: bool = False) -> torch.dtype:
+    """The frozen base weights' dtype (model.base_dtype): auto is bfloat16 on a GPU that has it in hardware (half
+    the memory of float32 for the weights that are never trained), else float32. Adapters and heads stay
+    float32, and so does a base that trains (full fine-tuning: AdamW on bf16 weights loses small updates)."""
+    if trains_base:
+        return torch.float32
     setting = model_cfg.get("base_dtype") or "float32"
     if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        from lorambo.devices import cuda_has_bf16
+
+        return torch.bfloat16 if cuda_has_bf16() else torch.float32
     if setting not in BASE_DTYPES:
         raise LoramboError(f"model.base_dtype={setting} unknown; use one of: auto, {', '.join(BASE_DTYPES)}")
     return BASE_DTYPES[setting]
@@ -162,11 +171,14 @@ def four_bit_config(model_cfg):
         raise LoramboError("model.quantize=4bit needs bitsandbytes: pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
+    from lorambo.devices import cuda_has_bf16
+
+    # QLoRA's bf16 compute where the GPU has bf16 units, else fp16 (bf16 is emulated, slowly, before Ampere)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16 if cuda_has_bf16() else torch.float16)
 
 
-def prepare_base_for_training(model: nn.Module, model_cfg, train_cfg) -> nn.Module:
+def prepare_base_for_training(model: nn.Module, model_cfg, train_cfg, trains_base: bool = False) -> nn.Module:
     """What a bf16 or 4-bit base needs before its adapter: the head in float32 (it is trained: AdamW on bf16
     weights loses small updates), fed float32 (a pre-hook casts the base's bf16 features), and a quantised base
     through PEFT's prepare_model_for_kbit_training (norms in float32, input gradients for checkpointing)."""
@@ -176,7 +188,7 @@ def prepare_base_for_training(model: nn.Module, model_cfg, train_cfg) -> nn.Modu
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(train_cfg.get("gradient_checkpointing")),
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    if base_dtype(model_cfg) != torch.float32 or model_cfg.get("quantize"):
+    if base_dtype(model_cfg, trains_base) != torch.float32 or model_cfg.get("quantize"):
         for name in model_cfg.head_modules:
             head = model.get_submodule(name).float()
             head.register_forward_pre_hook(
@@ -312,11 +324,14 @@ def load_data_and_base(cfg, run_dir: str, main: bool, device=None):
     from lorambo.data import load_task
     from lorambo.results import write_json_atomic
 
+    from lorambo.methods import method_class
+
     tokenizer = build_tokenizer(cfg.model)
     data = load_task(cfg.task, cfg.model, tokenizer)
-    model = build_model(cfg.model, cfg.task, tokenizer)
+    trains_base = not method_class(cfg.method).trains_adapter  # full fine-tuning: float32 weights
+    model = build_model(cfg.model, cfg.task, tokenizer, trains_base)
     resolve_auto_modules(cfg.model, model)
-    model = prepare_base_for_training(model, cfg.model, cfg.train)
+    model = prepare_base_for_training(model, cfg.model, cfg.train, trains_base)
     if data.label_names:  # a local file's class names: in the model's config (saved with it) and the folder
         name_labels(model, data.label_names)
         if main:

@@ -23,8 +23,8 @@ from lorambo.dropout import use_mask_dropout
 from lorambo.errors import LoramboError
 from lorambo.evaluation import evaluate_all, loss_and_logits, reported_metrics
 from lorambo.methods import build_method
-from lorambo.models import (adaptable_layers, check_model_fits_task, head_parameters, load_data_and_base,
-                            resolve_family, use_gradient_checkpointing)
+from lorambo.models import (adaptable_layers, base_dtype, check_model_fits_task, head_parameters,
+                            load_data_and_base, resolve_family, use_gradient_checkpointing)
 from lorambo.optimizers import build_optimizer, build_scheduler
 from lorambo.pretrain import base_sha256
 from lorambo.results import (RunLog, append_jsonl, library_versions, optimizer_state_bytes, peak_memory_bytes,
@@ -115,6 +115,8 @@ def run(cfg, run_dir: str) -> dict:
         "step_seconds_median": statistics.median(progress.step_times), "steps": progress.step,
         "resumed_from_step": resumed["progress"]["step"] if resumed else None, "lr": cfg.train.lr,
         "mixed_precision": accelerator.mixed_precision, "threads": torch.get_num_threads(),
+        "base_dtype": str(base_dtype(cfg.model, not method.trains_adapter)).removeprefix("torch."),
+        "quantize": cfg.model.get("quantize"),
         "base_sha256": base_sha256(cfg.model), "versions": library_versions(),  # what the same numbers need
     }
     if main:

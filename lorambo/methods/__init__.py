@@ -78,12 +78,17 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def build_method(cfg, layers, steps: int, run_dir: str, is_main: bool):
+def method_class(method_cfg) -> type:
+    """The registered class of `method=NAME` (its module imported first when defined outside lorambo)."""
     import_builtin("lorambo.methods")
-    import_named_module(cfg.method, "method")
-    if cfg.method.name not in METHODS:
-        raise LoramboError(f"unknown method '{cfg.method.name}'; choose one of: {', '.join(sorted(METHODS))}")
-    cls = METHODS[cfg.method.name]
+    import_named_module(method_cfg, "method")
+    if method_cfg.name not in METHODS:
+        raise LoramboError(f"unknown method '{method_cfg.name}'; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[method_cfg.name]
+
+
+def build_method(cfg, layers, steps: int, run_dir: str, is_main: bool):
+    cls = method_class(cfg.method)
     check_options(cfg.method, cls.Options.model_fields, f"method {cfg.method.name}")
     from lorambo.schema import validate_options
 
