@@ -27,7 +27,7 @@ class TaskData:
     evaluate: object = None  # the task's own evaluation (instruct: generation), with observe_base(model)
 
 
-def load_task(task_cfg, model_cfg, tokenizer) -> TaskData:
+def load_task(task_cfg, model_cfg, tokenizer, seed: int = 0) -> TaskData:
     """The task's splits; with `task.dev_fraction`, a dev split carved from the training split (a fixed
     permutation, seed 0, the same for every run and row) is the only evaluation split and the rest trains, so
     that a learning-rate search never sees the validation split."""
@@ -35,7 +35,7 @@ def load_task(task_cfg, model_cfg, tokenizer) -> TaskData:
         from lorambo.instruct import load_instruct_task
 
         return load_instruct_task(task_cfg, model_cfg, tokenizer)
-    data = _load_splits(task_cfg, model_cfg, tokenizer)
+    data = _load_splits(task_cfg, model_cfg, tokenizer, seed)
     fraction = task_cfg.get("dev_fraction")
     if not fraction:
         return data
@@ -49,9 +49,10 @@ def load_task(task_cfg, model_cfg, tokenizer) -> TaskData:
                     data.label_names)
 
 
-def _load_splits(task_cfg, model_cfg, tokenizer) -> TaskData:
+def _load_splits(task_cfg, model_cfg, tokenizer, seed: int = 0) -> TaskData:
+    """`seed`: the run's, for what varies with it in the data itself (image augmentation)."""
     if task_cfg.type == "image_classification":
-        return _image_task(task_cfg, model_cfg)
+        return _image_task(task_cfg, model_cfg, seed)
     if task_cfg.source == "local_file":
         from lorambo.local_file import local_splits
 
@@ -231,23 +232,47 @@ def _lm_task(task_cfg, raw, tokenizer) -> TaskData:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images (uint8 N x H x W [x C] array, or a datasets.Dataset with `image`) -> {pixel_values, labels}."""
+    """Images (a uint8 N x H x W [x C] array, or a datasets.Dataset's `image` column of PIL images) ->
+    {pixel_values, labels}. With `seed` (training with augmentation), each image's random crop and flip come
+    from its own generator seeded by (seed, epoch, index), not from a worker's RNG: any number of loader
+    workers gives the same batches (`set_epoch` is called by `start_epoch` before the workers start)."""
 
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images, labels, transform, seed: int | None = None):
+        self.images, self.labels, self.transform, self.seed, self.epoch = images, labels, transform, seed, 0
 
     def __len__(self):
         return len(self.labels)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, i):
-        return {"pixel_values": self.transform(self.images[i]), "labels": int(self.labels[i])}
+        image = self.images[i]
+        if self.seed is None:
+            return {"pixel_values": self.transform(image), "labels": int(self.labels[i])}
+        with torch.random.fork_rng(devices=[]):  # torchvision's v2 transforms draw from torch's global RNG
+            torch.manual_seed(hash((self.seed, self.epoch, int(i))) % 2**63)
+            return {"pixel_values": self.transform(image), "labels": int(self.labels[i])}
+
+
+class ColorMode:
+    """A PIL image in the model's colour mode before anything else: ImageNet holds CMYK and greyscale JPEGs,
+    which would reach a 3-channel Normalize with 4 or 1 channels. Arrays (Fashion-MNIST) pass through."""
+
+    def __init__(self, channels: int):
+        self.mode = "RGB" if channels == 3 else "L"
+
+    def __call__(self, image):
+        from PIL import Image
+
+        return image.convert(self.mode) if isinstance(image, Image.Image) and image.mode != self.mode else image
 
 
 def _image_transform(model_cfg, task_cfg, train: bool):
     from torchvision.transforms import v2
 
     size = model_cfg.image_size
-    steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    steps = [ColorMode(model_cfg.in_chans), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if model_cfg.in_chans == 3:
         steps.append(v2.RGB())
     else:
@@ -269,7 +294,7 @@ def _read_idx(path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _image_task(task_cfg, model_cfg) -> TaskData:
+def _image_task(task_cfg, model_cfg, seed: int = 0) -> TaskData:
     limits = {"train": task_cfg.get("max_train_samples"), "validation": task_cfg.get("max_eval_samples")}
     transforms = {s: _image_transform(model_cfg, task_cfg, s == "train") for s in limits}
     if task_cfg.source == "fashion_mnist":
@@ -284,7 +309,7 @@ def _image_task(task_cfg, model_cfg) -> TaskData:
             if limits[split]:  # a fixed subset (seed 0), the same for every run
                 idx = np.random.default_rng(0).permutation(len(labels))[: limits[split]]
                 images, labels = images[idx], labels[idx]
-            splits[split] = ImageDataset(images, labels, transforms[split])
+            splits[split] = ImageDataset(images, labels, transforms[split], augment_seed(task_cfg, split, seed))
         return TaskData(splits["train"], {"validation": splits["validation"]}, None)
 
     # ImageNet and friends: a local ImageFolder (task.data_dir) or a hub dataset with image/label columns,
@@ -305,27 +330,71 @@ def _image_task(task_cfg, model_cfg) -> TaskData:
 
     def prepare(split):
         part = _subsample(ds[split].shuffle(seed=0) if limits[split] else ds[split], limits[split])
-        transform = transforms[split]
-        return part.with_transform(
-            lambda b: {"pixel_values": [transform(im) for im in b["image"]], "labels": b["label"]})
+        # decoded one image at a time, in the loader's workers
+        return ImageDataset(LazyColumn(part, "image"), part["label"], transforms[split],
+                            augment_seed(task_cfg, split, seed))
 
     return TaskData(prepare("train"), {"validation": prepare("validation")}, None)
 
 
-def data_loaders(cfg, data):
-    """The shuffled training loader (seeded) and one loader per evaluation split."""
+class LazyColumn:
+    """One column of a datasets.Dataset, read (and decoded) a row at a time."""
+
+    def __init__(self, dataset, column: str):
+        self.dataset, self.column = dataset, column
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[int(i)][self.column]
+
+
+def augment_seed(task_cfg, split: str, seed: int) -> int | None:
+    """The seed of the training images' augmentations (None: no randomness to seed)."""
+    return seed if split == "train" and task_cfg.get("augment", False) else None
+
+
+def default_workers(processes: int = 1) -> int:
+    """Loader workers per training process: on a GPU, the cores left to each process (at most 8: JPEG decoding
+    and augmentation keep up with a GPU step at that); on a CPU none, since workers would take the cores that
+    the training itself uses (and tests stay in one process)."""
+    if not torch.cuda.is_available():
+        return 0
+    from lorambo.devices import machine_cores
+
+    return max(1, min(8, machine_cores() // max(1, processes) - 1))
+
+
+def data_loaders(cfg, data, processes: int = 1):
+    """The shuffled training loader (seeded) and one loader per evaluation split; `train.num_workers` loading
+    processes each (the order and augmentations do not depend on it), memory pinned for a GPU's copies."""
     from torch.utils.data import DataLoader
 
+    workers = cfg.train.get("num_workers")
+    loading = {"num_workers": default_workers(processes) if workers is None else workers,
+               "pin_memory": torch.cuda.is_available(), "collate_fn": data.collate_fn}
     if data.lengths:  # transformers' length-grouped order, drawn anew each epoch from seed + epoch
         train_loader = DataLoader(data.train, batch_size=cfg.train.batch_size, drop_last=True,
                                   sampler=length_grouped_sampler(cfg.train.batch_size, data.lengths, cfg.seed),
-                                  collate_fn=data.collate_fn)
+                                  **loading)
     else:
         train_loader = DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                                  collate_fn=data.collate_fn, generator=torch.Generator().manual_seed(cfg.seed))
-    eval_loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, collate_fn=data.collate_fn)
+                                  generator=torch.Generator().manual_seed(cfg.seed), **loading)
+    eval_loaders = {name: DataLoader(ds, batch_size=cfg.train.eval_batch_size, **loading)
                     for name, ds in data.evals.items()}
     return train_loader, eval_loaders
+
+
+def start_epoch(loader, epoch: int) -> None:
+    """The loader's shuffle, and a dataset's own per-epoch randomness (image augmentation), set to `epoch`
+    before its workers start (accelerate tells the dataset only when its sampler has no epoch of its own)."""
+    loader.set_epoch(epoch)
+    dataset = loader.dataset
+    while dataset is not None:  # through a Subset (a dev split carved out) to the images
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        dataset = getattr(dataset, "dataset", None)
 
 
 def length_grouped_sampler(batch_size: int, lengths: list, seed: int):

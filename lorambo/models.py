@@ -327,7 +327,7 @@ def load_data_and_base(cfg, run_dir: str, main: bool, device=None):
     from lorambo.methods import method_class
 
     tokenizer = build_tokenizer(cfg.model)
-    data = load_task(cfg.task, cfg.model, tokenizer)
+    data = load_task(cfg.task, cfg.model, tokenizer, cfg.seed)
     trains_base = not method_class(cfg.method).trains_adapter  # full fine-tuning: float32 weights
     model = build_model(cfg.model, cfg.task, tokenizer, trains_base)
     resolve_auto_modules(cfg.model, model)

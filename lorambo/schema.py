@@ -30,6 +30,7 @@ class Train(Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"]
     # defaults: what a run configured before these keys existed did
     threads: int | None = Field(default=None, ge=1)
+    num_workers: int | None = Field(default=None, ge=0)  # null: data.default_workers()
     dropout_masks: Literal["packed", "torch"] = "torch"
     compile: bool = False
     compile_backend: str = "inductor"

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from lorambo import checkpoint
 from lorambo.allocation import choose_ranks
 from lorambo.budget import budget_label, resolve_p_max
-from lorambo.data import data_loaders
+from lorambo.data import data_loaders, start_epoch
 from lorambo.devices import make_accelerator, prepare, unwrap
 from lorambo.dropout import use_mask_dropout
 from lorambo.errors import LoramboError
@@ -75,7 +75,7 @@ def run(cfg, run_dir: str) -> dict:
         method.load_state(model, resumed["method"])
 
     # --- optimisation
-    train_loader, eval_loaders = data_loaders(cfg, data)
+    train_loader, eval_loaders = data_loaders(cfg, data, accelerator.num_processes)
     optimizer = build_optimizer(cfg.optimizer, cfg.train, method.param_groups(model))
     scheduler = build_scheduler(cfg.train, optimizer, steps, accelerator.num_processes)
     model, optimizer, train_loader, scheduler = prepare(accelerator, model, optimizer, train_loader, scheduler)
@@ -155,7 +155,7 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, evaluate_now, 
               dynamic_ncols=True) as bar:
         method.train_mode(model)
         while p.step < steps:
-            train_loader.set_epoch(p.epoch)
+            start_epoch(train_loader, p.epoch)
             # a resumed run continues mid-epoch: the same shuffled order, without the batches already seen
             loader = (accelerator.skip_first_batches(train_loader, p.batch_in_epoch) if p.batch_in_epoch
                       else train_loader)

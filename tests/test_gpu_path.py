@@ -75,3 +75,74 @@ def test_metrics_say_which_precision_and_base_dtype_ran(tmp_path):
     assert metrics["mixed_precision"] == "no" and metrics["base_dtype"] == "float32"
     assert metrics["quantize"] is None
     assert OmegaConf.create(metrics)  # plain JSON values
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """An ImageFolder as ImageNet has it: JPEGs in RGB, CMYK and greyscale (L), two classes, two splits."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 24), ("validation", 12)):
+        for label in ("cat", "dog"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(n // 2):
+                pixels = torch.randint(0, 256, (20, 24, 3), generator=rng, dtype=torch.uint8).numpy()
+                image = Image.fromarray(pixels, "RGB")
+                image = {0: image, 1: image.convert("CMYK"), 2: image.convert("L")}[i % 3]
+                image.save(folder / f"{i}.jpg")
+    return str(root)
+
+
+IMAGES = ["model=tiny_resnet", "task=imagenet1k", "task.num_labels=2", "model.in_chans=3",
+          "model.mean=[0.5,0.5,0.5]", "model.std=[0.25,0.25,0.25]", "model.image_size=16"]
+
+
+def test_cmyk_and_greyscale_jpegs_become_three_channels(image_folder):
+    """Regression: a CMYK JPEG reached the 3-channel Normalize with 4 channels."""
+    from PIL import Image
+
+    from lorambo.data import load_task
+
+    modes = {Image.open(p).mode for p in __import__("glob").glob(f"{image_folder}/train/*/*.jpg")}
+    assert modes == {"RGB", "CMYK", "L"}
+    cfg = compose_config([*IMAGES, f"task.data_dir={image_folder}"])
+    data = load_task(cfg.task, cfg.model, None, seed=0)
+    for dataset in (data.train, data.evals["validation"]):
+        shapes = {tuple(dataset[i]["pixel_values"].shape) for i in range(len(dataset))}
+        assert shapes == {(3, 16, 16)}
+
+
+def test_any_number_of_loader_workers_gives_the_same_run(image_folder, tmp_path):
+    """Decoding in workers (train.num_workers) changes nothing but the speed: the same losses and metric for
+    the same seed with augmentation on (each image's crop and flip seeded by seed, epoch and index)."""
+    import json
+
+    from tests.helpers import run_in_process
+
+    def losses(run_dir):
+        with open(run_dir / "metrics_log.jsonl") as f:
+            return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+
+    common = [*IMAGES, f"task.data_dir={image_folder}", "logger=none", "train.batch_size=4", "train.epochs=2",
+              "train.log_every=1", "train.mixed_precision=no"]
+    runs = {n: run_in_process([*common, f"train.num_workers={n}"], tmp_path / f"w{n}") for n in (0, 2)}
+    assert runs[0]["steps"] == 12 and losses(tmp_path / "w0") == losses(tmp_path / "w2")
+    assert runs[0]["accuracy"] == runs[2]["accuracy"]
+    repeat = run_in_process([*common, "train.num_workers=0", "seed=1"], tmp_path / "seed1")
+    assert losses(tmp_path / "seed1") != losses(tmp_path / "w0")  # the augmentation does follow the seed
+
+
+def test_loaders_pin_memory_and_use_workers_only_on_a_gpu(monkeypatch):
+    from lorambo import data as data_module
+
+    cfg = compose_config(["experiment=smoke"])
+    task = data_module.TaskData(list(range(64)), {"validation": list(range(8))}, None)
+    train, _ = data_module.data_loaders(cfg, task)
+    assert train.num_workers == 0 and not train.pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices, "machine_cores", lambda: 16)
+    train, evals = data_module.data_loaders(cfg, task, processes=2)
+    assert train.num_workers == 7 and train.pin_memory and evals["validation"].num_workers == 7
