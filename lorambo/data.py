@@ -200,14 +200,17 @@ MAP_BATCH = 1000  # documents per tokenisation batch of a causal LM task
 
 
 def _lm_task(task_cfg, raw, tokenizer) -> TaskData:
-    """Causal LM: tokenize, concatenate, cut into blocks of max_length; labels are the inputs (the model shifts)."""
+    """Causal LM: tokenize, concatenate, cut into blocks of max_length; labels are the inputs (the model shifts).
+    Each text row ends with the end token (`task.document_end: eos`, rows that are documents) or with nothing
+    (null: rows that are lines of one text, WikiText's; empty lines then add no token), as run_clm.py does."""
     from transformers import default_data_collator
 
     block = task_cfg.max_length
+    end = [tokenizer.eos_token_id or tokenizer.sep_token_id] if task_cfg.get("document_end", "eos") else []
 
     def encode(batch):
         ids = tokenizer(batch[task_cfg.text_fields[0]], add_special_tokens=False)["input_ids"]
-        flat = [t for seq in ids for t in (seq + [tokenizer.eos_token_id or tokenizer.sep_token_id])]
+        flat = [t for seq in ids for t in (seq + end)]
         n = len(flat) // block * block
         blocks = [flat[i:i + block] for i in range(0, n, block)]
         return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": blocks}

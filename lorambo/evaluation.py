@@ -6,6 +6,31 @@ import torch.nn.functional as F
 from lorambo.metrics import perplexity, task_metrics
 
 
+IGNORE = -100  # label of a token that carries no loss (prompt, padding): transformers' and PEFT EVA's mask value
+
+# logits held at once by next_token_losses: 2^28 (1 GiB in float32). A batch above it is run a few rows at a time
+# (Llama 3.2's 128k vocabulary at batch 32 x 768 would be 3.2e9, ~12 GB in float32, as one forward)
+LOGIT_BUDGET = 2**28
+
+
+def next_token_losses(model, input_ids, attention_mask, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-position cross-entropy of each next token, float32, rows x (length - 1); the mask of the positions
+    that carry a loss: label not IGNORE). `labels`: the targets (default the inputs). Rows go through the model
+    in chunks small enough that their logits stay within LOGIT_BUDGET; each row's numbers are the same as in
+    one forward (a row never sees another)."""
+    labels = input_ids if labels is None else labels
+    length, vocab = input_ids.shape[1], model.config.vocab_size
+    rows = max(1, LOGIT_BUDGET // (length * vocab))
+    losses = []
+    for start in range(0, len(input_ids), rows):
+        part = slice(start, start + rows)
+        logits = model(input_ids=input_ids[part], attention_mask=attention_mask[part]).logits[:, :-1]
+        losses.append(F.cross_entropy(logits.float().transpose(1, 2), labels[part, 1:], ignore_index=IGNORE,
+                                      reduction="none"))
+        del logits
+    return torch.cat(losses), labels[:, 1:] != IGNORE
+
+
 def loss_and_logits(model, batch, task_type):
     """(mean loss, logits) for any family: timm models return logits, Hugging Face models an output."""
     if task_type == "image_classification":
@@ -20,13 +45,12 @@ def evaluate(model, loader, task_cfg, accelerator) -> dict[str, float]:
     model.eval()
     gathered, labels = [], []
     for batch in loader:
-        loss, logits = loss_and_logits(model, batch, task_cfg.type)
         if task_cfg.type == "lm":
             # per-block mean token loss; blocks have equal length, so their mean is the token mean
-            shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-            per_block = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none").mean(1)
-            gathered.append(accelerator.gather_for_metrics(per_block).cpu())
+            per_block = next_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+            gathered.append(accelerator.gather_for_metrics(per_block.mean(1)).cpu())
         else:
+            loss, logits = loss_and_logits(model, batch, task_cfg.type)
             logits, batch_labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
             gathered.append(logits.cpu())
             labels.append(batch_labels.cpu())

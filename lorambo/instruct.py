@@ -11,11 +11,9 @@ import re
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lorambo.errors import LoramboError
-
-IGNORE = -100  # label of a token that carries no loss (prompt, padding): transformers' and PEFT EVA's mask value
+from lorambo.evaluation import IGNORE, next_token_losses
 
 # --- answers: what the scorer reads from a generated text
 
@@ -170,10 +168,13 @@ def end_token_id(tokenizer) -> int:
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
-    """The prompt's tokens, with BOS where the tokenizer adds one (Llama) and no end token."""
+    """The prompt's tokens, starting as the model's own tokenizer starts a text: with BOS where it adds one
+    (Llama 2 and Mistral through add_bos_token, Llama 3 through its post-processor, which no attribute
+    shows: so read from what it returns), never twice (a chat template that writes BOS itself), and no end
+    token. Other special tokens it adds (BERT's [CLS]) are left out: the small bases here never saw them."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    if bos is not None and getattr(tokenizer, "add_bos_token", False) and ids[:1] != [bos]:
+    if bos is not None and ids[:1] != [bos] and tokenizer(text)["input_ids"][:1] == [bos]:
         ids = [bos, *ids]
     return ids
 
@@ -213,12 +214,9 @@ def response_loss(model, loader) -> float:
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-            loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE,
-                                   reduction="sum")
-            total, count = total + float(loss), count + int((labels != IGNORE).sum())
+            batch = {k: v.to(device) for k, v in batch.items()}  # position t predicts token t + 1
+            losses, scored = next_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            total, count = total + float(losses.sum()), count + int(scored.sum())
     return total / max(count, 1)
 
 
@@ -232,9 +230,8 @@ def general_text_loss(model, blocks, batch_size: int) -> float:
     with torch.no_grad():
         for batch in DataLoader(blocks, batch_size=batch_size, collate_fn=default_data_collator):
             ids = batch["input_ids"].to(device)
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
-            loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="sum")
-            total, count = total + float(loss), count + ids[:, 1:].numel()
+            losses, _ = next_token_losses(model, ids, batch["attention_mask"].to(device))
+            total, count = total + float(losses.sum()), count + ids[:, 1:].numel()
     return total / max(count, 1)
 
 

@@ -98,6 +98,7 @@ class Task(BaseModel):
     max_eval_samples: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=1)
     dev_fraction: float | None = Field(default=None, gt=0, lt=1)  # set: evaluate on a dev split carved from train
+    document_end: Literal["eos"] | None = "eos"  # lm: the end token after each text row, or none (WikiText lines)
 
     @model_validator(mode="after")
     def classes(self):

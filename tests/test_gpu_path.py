@@ -146,3 +146,103 @@ def test_loaders_pin_memory_and_use_workers_only_on_a_gpu(monkeypatch):
     monkeypatch.setattr(devices, "machine_cores", lambda: 16)
     train, evals = data_module.data_loaders(cfg, task, processes=2)
     assert train.num_workers == 7 and train.pin_memory and evals["validation"].num_workers == 7
+
+
+def test_wikitext_lines_are_concatenated_as_run_clm_does(tmp_path):
+    """Regression: an end token after every WikiText line, empty lines included (a third of them), added easy
+    tokens and made perplexity incomparable with published GPT-2 numbers."""
+    import json
+
+    from lorambo.data import load_task
+    from lorambo.models import build_tokenizer
+
+    lines = [" = Valkyria Chronicles III = \n", "", " Senjō no Valkyria 3 : Unrecorded Chronicles is a game .\n",
+             "", " = = Gameplay = = \n", "", " The game began development in 2010 , carrying over work .\n"] * 40
+    for split in ("train", "validation"):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+    cfg = compose_config(["model=tiny_gpt2", "task=wikitext103", f"task.dataset.path={tmp_path}",
+                          "task.dataset.name=null", "task.max_length=16"])
+    tokenizer = build_tokenizer(cfg.model)
+    data = load_task(cfg.task, cfg.model, tokenizer)
+    stream = [t for line in lines for t in tokenizer(line, add_special_tokens=False)["input_ids"]]
+    blocks = [list(b["input_ids"].tolist()) for b in data.train]
+    end = tokenizer.eos_token_id or tokenizer.sep_token_id  # what an end token would have been
+    assert end not in stream and all(end not in b for b in blocks)
+    assert [t for b in blocks for t in b] == stream[: len(blocks) * 16]  # the text's own tokens, in order
+    assert len(stream) - len(blocks) * 16 < 16  # only the last partial block is dropped
+    documents = compose_config(["model=tiny_gpt2", "task=wiki_summaries"]).task
+    assert documents.get("document_end", "eos") == "eos"  # documents still end with the end token
+
+
+def bos_by_post_processor():
+    """A tokenizer as Llama 3's is: BOS added by its post-processor, no add_bos_token to say so."""
+    from tokenizers import Tokenizer, models as token_models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = "what is two plus three the answer : five".split()
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(token_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_every_instruct_prompt_starts_as_the_models_tokenizer_starts_it():
+    """Regression: prompts tokenized with add_special_tokens=False lost the BOS that Llama 3's post-processor
+    adds (prompt_ids looked only at add_bos_token)."""
+    from lorambo.instruct import encode_example, prompt_ids
+
+    tokenizer = bos_by_post_processor()
+    assert not getattr(tokenizer, "add_bos_token", False)
+    own = tokenizer("what is two plus three")["input_ids"]
+    assert prompt_ids(tokenizer, "what is two plus three") == own == [0, 4, 5, 6, 7, 8]
+    assert prompt_ids(tokenizer, "<s> what is two") == [0, 4, 5, 6]  # a template's own BOS: not twice
+    task = compose_config(["model=tiny_gpt2", "task=arithmetic", "task.chat_template=false",
+                           "task.prompt_template='{prompt}'"]).task
+    example = encode_example(tokenizer, {"prompt": "what is two plus three", "response": "the answer : five"}, task)
+    assert example["input_ids"][:6] == own and example["labels"][:6] == [-100] * 6
+    bert = __import__("lorambo.models", fromlist=["x"]).build_tokenizer(compose_config(["model=tiny_gpt2"]).model)
+    assert prompt_ids(bert, "two plus three") == bert("two plus three", add_special_tokens=False)["input_ids"]
+
+
+def test_validation_losses_never_hold_the_whole_batchs_logits(monkeypatch):
+    """Regression: instruct's validation loss (and the forgetting and perplexity losses) took batch x length x
+    vocabulary logits in float32 at once (~31 GB for Llama 3.2 at batch 32 x 768). Now a few rows at a time,
+    within LOGIT_BUDGET: the same numbers as a float64 reference over the whole batch."""
+    from torch.utils.data import DataLoader
+
+    from lorambo import evaluation
+    from lorambo.data import load_task
+    from lorambo.instruct import general_text_loss, response_loss
+
+    cfg = compose_config(["model=tiny_gpt2", "task=arithmetic", "task.max_length=48", "task.max_eval_samples=12",
+                          "task.max_train_samples=16", "task.max_test_samples=2"])
+    models.resolve_family(cfg)
+    tokenizer = models.build_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model, cfg.task, tokenizer).eval()
+    data = load_task(cfg.task, cfg.model, tokenizer)
+    loader = DataLoader(data.evals["validation"], batch_size=12, collate_fn=data.collate_fn)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                                  reduction="sum") / (labels != -100).sum()
+    width, vocab = batch["input_ids"].shape[1], model.config.vocab_size
+    monkeypatch.setattr(evaluation, "LOGIT_BUDGET", 5 * width * vocab)  # five rows at a time
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: seen.append(kw["input_ids"].shape[0]) or forward(**kw))
+    whole = torch.nn.functional.cross_entropy(logits.float()[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                              reduction="sum") / (labels != -100).sum()  # what was computed before
+    got = response_loss(model, loader)
+    assert got == pytest.approx(float(whole), rel=1e-6) and got == pytest.approx(float(reference), rel=1e-5)
+    assert max(seen) == 5 and sum(seen) == 12
+    blocks = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in batch["input_ids"]]
+    everything = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
+                                                   reduction="mean")
+    assert general_text_loss(model, blocks, 12) == pytest.approx(float(everything), rel=1e-5)
