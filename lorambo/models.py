@@ -42,6 +42,44 @@ def resolve_family(cfg) -> None:
                            f"'{cfg.model.name}' is a Hugging Face text model")
 
 
+# Models the hub moved under their organisations; the old ids redirect today, but a redirect can go, and a
+# run's record should name the repository it loaded
+CURRENT_HUB_IDS = {
+    **{name: f"google-bert/{name}" for name in ("bert-base-uncased", "bert-base-cased", "bert-large-uncased",
+                                                "bert-large-cased", "bert-base-multilingual-cased")},
+    **{name: f"FacebookAI/{name}" for name in ("roberta-base", "roberta-large", "xlm-roberta-base",
+                                               "xlm-roberta-large")},
+    **{name: f"google-t5/{name}" for name in ("t5-small", "t5-base", "t5-large", "t5-3b", "t5-11b")},
+    **{name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
+    "distilgpt2": "distilbert/distilgpt2",
+    **{name: f"distilbert/{name}" for name in ("distilbert-base-uncased", "distilbert-base-cased")},
+}
+
+
+def hub_id(name):
+    """A legacy hub id as the hub names it now; anything else (an ORG/NAME id, a local folder) as given."""
+    name = str(name) if name is not None else None
+    return CURRENT_HUB_IDS.get(name, name) if name and not os.path.exists(name) else name
+
+
+def from_hub(loader, name, what: str, model_cfg, **kwargs):
+    """`loader.from_pretrained(name)` with the hub's failures as one line each: a gated model (log in), custom
+    code (model.trust_remote_code), anything else (the id or the folder)."""
+    try:
+        return loader.from_pretrained(hub_id(name), trust_remote_code=bool(model_cfg.get("trust_remote_code")),
+                                      **kwargs)
+    except (OSError, ValueError) as e:  # ValueError: custom code refused, or no such head for the architecture
+        message = str(e)
+        first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        if "gated repo" in message or "restricted" in message and "access" in message:
+            raise LoramboError(f"{what} '{name}' is a gated model: accept its licence on its hub page, then log "
+                               f"in with `huggingface-cli login` (or set HF_TOKEN)") from None
+        if "trust_remote_code" in message:
+            raise LoramboError(f"{what} '{name}' needs its own code from the hub to load; if you trust it, set "
+                               f"model.trust_remote_code=true") from None
+        raise LoramboError(f"cannot load {what}='{name}': {first}") from None
+
+
 def hf_config(model_cfg, defaults=None, overrides=None):
     """The transformers config of `pretrained` (hub id or local folder) or of `hf_config` (no download); for the
     latter, `defaults` fill settings that hf_config leaves out and `overrides` replace them."""
@@ -49,10 +87,7 @@ def hf_config(model_cfg, defaults=None, overrides=None):
     from transformers import AutoConfig
 
     if model_cfg.pretrained:
-        try:
-            return AutoConfig.from_pretrained(model_cfg.pretrained)
-        except (OSError, ValueError) as e:
-            raise LoramboError(f"cannot load model.pretrained='{model_cfg.pretrained}': {str(e).splitlines()[0]}")
+        return from_hub(AutoConfig, model_cfg.pretrained, "model.pretrained", model_cfg)
     # to_container: a list value (DeBERTa's pos_att_type) must reach transformers as a list, not a ListConfig
     settings = {**(defaults or {}), **OmegaConf.to_container(model_cfg.hf_config, resolve=True), **(overrides or {})}
     return AutoConfig.for_model(settings.pop("model_type"), **settings)
@@ -88,7 +123,7 @@ def build_tokenizer(model_cfg):
         return None
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer)
+    tokenizer = from_hub(AutoTokenizer, model_cfg.tokenizer, "model.tokenizer", model_cfg)
     if tokenizer.pad_token is None:  # GPT-2 has none; its blocks are never padded, eos is a safe filler
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -120,10 +155,7 @@ def build_model(model_cfg, task_cfg, tokenizer, trains_base: bool = False) -> nn
         if task_cfg.type == "regression":
             extra["problem_type"] = "regression"
     if model_cfg.pretrained:
-        try:
-            model = auto.from_pretrained(model_cfg.pretrained, **extra)
-        except (OSError, ValueError) as e:  # ValueError: transformers has no such head for this architecture
-            raise LoramboError(f"cannot load model.pretrained='{model_cfg.pretrained}': {str(e).splitlines()[0]}")
+        model = from_hub(auto, model_cfg.pretrained, "model.pretrained", model_cfg, **extra)
     else:
         dtype = extra.pop("dtype")
         if extra.pop("quantization_config", None) is not None:

@@ -246,3 +246,51 @@ def test_validation_losses_never_hold_the_whole_batchs_logits(monkeypatch):
     everything = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:],
                                                    reduction="mean")
     assert general_text_loss(model, blocks, 12) == pytest.approx(float(everything), rel=1e-5)
+
+
+GATED = ("You are trying to access a gated repo.\nMake sure to have access to it at "
+         "https://huggingface.co/meta-llama/Llama-3.2-1B.\n401 Client Error.")
+CUSTOM_CODE = ("The repository for org/custom contains custom code which must be executed to correctly load the "
+               "model. Please pass the argument `trust_remote_code=True` to allow custom code to be run.")
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (OSError(GATED), "is a gated model: accept its licence on its hub page, then log in with `huggingface-cli login`"),
+    (ValueError(CUSTOM_CODE), "set model.trust_remote_code=true"),
+])
+def test_a_hub_model_that_needs_a_login_or_its_own_code_says_so_in_one_line(failure, expected, tmp_path,
+                                                                             monkeypatch, capfd):
+    """What the hub answers for a gated model (Llama 3.2, Mistral) or one with custom code, as transformers words
+    it: one `lorambo-run: error:` line naming the fix, no traceback, no metrics.json."""
+    import transformers
+
+    from tests.helpers import run_main
+
+    def refuse(name, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    code, out, err = run_main(["model=llama", "task=wiki_summaries", "logger=none",
+                               f"hydra.run.dir={tmp_path}/run"], tmp_path, monkeypatch, capfd)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and "Traceback" not in err, err
+    assert lines[-1].startswith("lorambo-run: error: ") and expected in lines[-1]
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_legacy_hub_ids_load_as_the_current_ones_and_custom_code_is_opt_in(monkeypatch):
+    import transformers
+
+    asked = []
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda name, **kw: asked.append((name, kw["trust_remote_code"])) or "config")
+    for legacy, current in [("bert-base-uncased", "google-bert/bert-base-uncased"),
+                            ("roberta-base", "FacebookAI/roberta-base"), ("t5-base", "google-t5/t5-base"),
+                            ("gpt2", "openai-community/gpt2"), ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")]:
+        models.hf_config(compose_config(["model=hf", f"model.pretrained={legacy}"]).model)
+        assert asked[-1] == (current, False)
+    models.hf_config(compose_config(["model=hf", "model.pretrained=org/custom", "model.trust_remote_code=true"]).model)
+    assert asked[-1] == ("org/custom", True)
+    for name in ("bert", "roberta", "t5", "gpt2"):  # the shipped configs name the current ids
+        assert "/" in compose_config([f"model={name}"]).model.pretrained
