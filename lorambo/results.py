@@ -1,5 +1,6 @@
 """Result files: written whole or not at all."""
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -52,6 +53,63 @@ NUMERIC_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", 
 
 def library_versions() -> dict:
     return {name: importlib.metadata.version(name) for name in NUMERIC_LIBRARIES}
+
+
+@functools.cache
+def source_revision() -> dict:
+    """The commit of the lorambo tree the run came from, and whether that tree had uncommitted changes to
+    tracked files (null for an installed wheel, which has no tree)."""
+    import subprocess
+
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = lambda *args: subprocess.run(["git", "-C", tree, *args], capture_output=True, text=True, timeout=10,
+                                           check=True).stdout.strip()
+        if git("rev-parse", "--show-toplevel") != tree:
+            raise ValueError("lorambo is not the root of this git tree")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
+                                                                         "--untracked-files=no"))}
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def hub_revisions(model, task_cfg) -> dict:
+    """What was loaded from the hub, by commit: the base model's (transformers records the commit it resolved
+    in its config) and each hub dataset's, asked of the hub (null offline, or for a local folder)."""
+    config = getattr(model, "config", None)
+    return {"model": getattr(config, "_commit_hash", None),
+            "datasets": {path: dataset_revision(path) for path in hub_dataset_paths(task_cfg)}}
+
+
+def hub_dataset_paths(task_cfg) -> list[str]:
+    """Every `dataset.path` a task (and its forgetting text) reads, whichever form its `dataset` takes."""
+    from omegaconf import OmegaConf
+
+    found = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("dataset"), dict):
+                spec = node["dataset"]
+                specs = [spec] if "path" in spec else [v for v in spec.values() if isinstance(v, dict)]
+                found.extend(str(s["path"]) for s in specs if s.get("path"))
+            for value in node.values():
+                visit(value)
+
+    visit(OmegaConf.to_container(task_cfg, resolve=True) if not isinstance(task_cfg, dict) else task_cfg)
+    return sorted(set(found))
+
+
+def dataset_revision(path: str) -> str | None:
+    offline = "1" in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
+    if os.path.exists(path) or offline:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(path).sha
+    except Exception:  # no network, no such repository: the run does not fail for its record
+        return None
 
 
 def optimizer_state_bytes(optimizer) -> int:

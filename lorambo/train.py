@@ -27,8 +27,9 @@ from lorambo.models import (adaptable_layers, base_dtype, check_model_fits_task,
                             load_data_and_base, resolve_family, use_gradient_checkpointing)
 from lorambo.optimizers import build_optimizer, build_scheduler
 from lorambo.pretrain import base_sha256
-from lorambo.results import (RunLog, append_jsonl, library_versions, optimizer_state_bytes, peak_memory_bytes,
-                             reset_peak_memory, write_json_atomic, write_text_atomic)
+from lorambo.results import (RunLog, append_jsonl, hub_revisions, library_versions, optimizer_state_bytes,
+                             peak_memory_bytes, reset_peak_memory, source_revision, write_json_atomic,
+                             write_text_atomic)
 from lorambo.schema import validate
 
 
@@ -59,6 +60,7 @@ def run(cfg, run_dir: str) -> dict:
 
     # --- data, base model, layers, method, ranks, adapter
     data, model = load_data_and_base(cfg, run_dir, main, accelerator.device)
+    revisions = hub_revisions(model, cfg.task)  # what the hub served, by commit
     layers = adaptable_layers(model, cfg.model.target_modules)
     head_params = sum(p.numel() for p in head_parameters(model, cfg.model.head_modules))
     steps = training_steps(cfg, len(data.train), accelerator.num_processes)
@@ -118,6 +120,7 @@ def run(cfg, run_dir: str) -> dict:
         "base_dtype": str(base_dtype(cfg.model, not method.trains_adapter)).removeprefix("torch."),
         "quantize": cfg.model.get("quantize"),
         "base_sha256": base_sha256(cfg.model), "versions": library_versions(),  # what the same numbers need
+        "source": source_revision(), "hub_revisions": revisions,
     }
     if main:
         write_results(method, metrics, unwrapped, log, resolved, run_dir, t_start, progress.step)

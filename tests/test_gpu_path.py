@@ -294,3 +294,34 @@ def test_legacy_hub_ids_load_as_the_current_ones_and_custom_code_is_opt_in(monke
     assert asked[-1] == ("org/custom", True)
     for name in ("bert", "roberta", "t5", "gpt2"):  # the shipped configs name the current ids
         assert "/" in compose_config([f"model={name}"]).model.pretrained
+
+
+def test_metrics_record_the_source_commit_and_what_the_hub_served(tmp_path, monkeypatch):
+    import subprocess
+
+    from lorambo import results
+    from tests.helpers import run_in_process
+
+    metrics = run_in_process(["experiment=smoke", "train.max_steps=2", "task.max_train_samples=32",
+                              "task.max_eval_samples=16"], tmp_path)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=results.__file__.rsplit("/lorambo/", 1)[0],
+                          capture_output=True, text=True).stdout.strip()
+    assert metrics["source"]["commit"] == head and isinstance(metrics["source"]["dirty"], bool)
+    assert metrics["hub_revisions"] == {"model": None, "datasets": {}}  # a config-built model, a local file
+
+    class Config:
+        _commit_hash = "a" * 40
+
+    model = type("Model", (), {"config": Config()})()
+    asked = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, path: asked.append(path) or type("Info", (), {"sha": "b" * 40})())
+    instruct = compose_config(["experiment=llm_method_comparison"]).task
+    got = results.hub_revisions(model, instruct)
+    assert got["model"] == "a" * 40
+    assert got["datasets"] and set(got["datasets"].values()) == {"b" * 40} and sorted(asked) == sorted(got["datasets"])
+    assert "Salesforce/wikitext" in got["datasets"]  # the forgetting text's dataset too
