@@ -53,4 +53,5 @@ def preset_cells(experiment: str, arguments=()) -> list[list[str]]:
     fixed = [a for a in arguments if "," not in a.partition("=")[2]]  # a sweep value does not compose as is
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
-    return sweep_cells(OmegaConf.to_container(cfg.hydra.sweeper.params), arguments)
+    params = cfg.hydra.sweeper.get("params")  # a preset of one run (smoke) sweeps nothing
+    return sweep_cells(OmegaConf.to_container(params) if params else {}, arguments)
