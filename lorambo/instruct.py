@@ -180,11 +180,13 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def encode_example(tokenizer, row: dict, task_cfg) -> dict:
-    """input_ids = prompt + response + end; labels: IGNORE on the prompt, so the loss is the response's."""
+    """input_ids = prompt + response + end; labels: IGNORE on the prompt, so the loss is the response's
+    (`task.loss_on_prompt`: every token's, as PEFT's method comparison trains)."""
     prompt = prompt_ids(tokenizer, prompt_text(tokenizer, row["prompt"], task_cfg))
     response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [end_token_id(tokenizer)]
     ids = (prompt + response)[: task_cfg.max_length]
-    labels = ([IGNORE] * len(prompt) + response)[: task_cfg.max_length]
+    prompt_labels = prompt if task_cfg.get("loss_on_prompt") else [IGNORE] * len(prompt)
+    labels = (prompt_labels + response)[: task_cfg.max_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
@@ -289,6 +291,8 @@ def load_instruct_task(task_cfg, model_cfg, tokenizer):
     from lorambo.data import TaskData, _load_splits
 
     rows = instruct_rows(task_cfg)
+    if task_cfg.get("max_chars"):  # PEFT's length filter, in characters (the same for every tokenizer)
+        rows["train"] = [r for r in rows["train"] if len(f"{r['prompt']} {r['response']}") <= task_cfg.max_chars]
     train = fixed_sample(rows["train"], task_cfg.get("max_train_samples"))
     validation = fixed_sample(rows["validation"], task_cfg.get("max_eval_samples"))
     test = fixed_sample(rows["test"], task_cfg.get("max_test_samples"))

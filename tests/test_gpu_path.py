@@ -325,3 +325,40 @@ def test_metrics_record_the_source_commit_and_what_the_hub_served(tmp_path, monk
     assert got["model"] == "a" * 40
     assert got["datasets"] and set(got["datasets"].values()) == {"b" * 40} and sorted(asked) == sorted(got["datasets"])
     assert "Salesforce/wikitext" in got["datasets"]  # the forgetting text's dataset too
+
+
+def test_the_peft_protocol_preset_matches_peft_where_it_can():
+    """PEFT's method_comparison/MetaMathQA (default_training_params.json, data.py, run.py, utils.py): what
+    lorambo's llm_method_comparison sets to match it; the differences that remain are listed in the README."""
+    cfg = compose_config(["experiment=llm_method_comparison", "hydra.mode=RUN", "table_row=uniform"])
+    task, train = cfg.task, cfg.train
+    assert task.prompt_template == "Question: {prompt} Think step by step.\nAnswer:" and task.chat_template is False
+    assert task.loss_on_prompt and task.max_chars == 1300 and task.max_length == 768
+    assert task.max_new_tokens == 300 and task.max_eval_samples == 50
+    assert task.dataset.validation.path == "openai/gsm8k" and task.dataset.validation.split == "train"
+    assert task.dataset.test.path == "openai/gsm8k" and task.dataset.test.split == "test"
+    assert (train.max_steps, train.batch_size, train.lr, train.scheduler) == (5000, 4, 1e-4, "cosine")
+    assert (train.warmup_ratio, train.weight_decay, train.max_grad_norm) == (0.1, 0.1, 1.0)
+    assert cfg.model.pretrained == "meta-llama/Llama-3.2-3B" and cfg.lora.alpha == 64 and cfg.budget.rank == 32
+    assert not train.gradient_checkpointing and cfg.seed == 0
+
+
+def test_prompt_tokens_carry_loss_and_long_pairs_are_dropped_when_the_task_says_so():
+    from lorambo.instruct import IGNORE, encode_example, load_instruct_task
+
+    tokenizer = bos_by_post_processor()
+    base = compose_config(["model=tiny_gpt2", "task=arithmetic", "task.chat_template=false",
+                           "task.prompt_template='{prompt}'"]).task
+    row = {"prompt": "what is two plus three", "response": "the answer : five"}
+    masked = encode_example(tokenizer, row, base)
+    base.loss_on_prompt = True
+    every = encode_example(tokenizer, row, base)
+    assert masked["labels"][:6] == [IGNORE] * 6 and every["labels"] == every["input_ids"]
+    assert masked["labels"][6:] == every["labels"][6:]
+    cfg = compose_config(["model=tiny_gpt2", "task=arithmetic", "task.max_chars=120", "task.max_eval_samples=4",
+                          "task.max_test_samples=2"])
+    data = load_instruct_task(cfg.task, cfg.model, models.build_tokenizer(cfg.model))
+    everything = load_instruct_task(compose_config(["model=tiny_gpt2", "task=arithmetic", "task.max_eval_samples=4",
+                                                    "task.max_test_samples=2"]).task, cfg.model,
+                                    models.build_tokenizer(cfg.model))
+    assert 0 < len(data.train) < len(everything.train)
