@@ -60,7 +60,6 @@ def run(cfg, run_dir: str) -> dict:
 
     # --- data, base model, layers, method, ranks, adapter
     data, model = load_data_and_base(cfg, run_dir, main, accelerator.device)
-    revisions = hub_revisions(model, cfg.task)  # what the hub served, by commit
     layers = adaptable_layers(model, cfg.model.target_modules)
     head_params = sum(p.numel() for p in head_parameters(model, cfg.model.head_modules))
     steps = training_steps(cfg, len(data.train), accelerator.num_processes)
@@ -99,7 +98,6 @@ def run(cfg, run_dir: str) -> dict:
     unwrapped, trainable = unwrap(accelerator, model), [p for p in model.parameters() if p.requires_grad]
     outcome, t_eval = method.finish(unwrapped, progress.step), time.perf_counter()  # a method may cut its adapter
     results = evaluate_now(model)
-    element_size = trainable[0].element_size()
     metrics = {  # metrics.json: the keys every report reads
         **results, **outcome,
         "model": cfg.model.name, "task": cfg.task.name, "allocator": method.label(), "method": method.name,
@@ -107,8 +105,7 @@ def run(cfg, run_dir: str) -> dict:
         "budget": budget_label(cfg.budget) if method.trains_adapter else None, "p_max": p_max,
         "main_metric": reported_metrics(cfg.task, list(eval_loaders))[0], "eval_splits": list(eval_loaders),
         "reported_metrics": reported_metrics(cfg.task, list(eval_loaders)),
-        "adapter_bytes": outcome["adapter_params"] * element_size,
-        "adapter_mib": outcome["adapter_params"] * element_size / 2**20,
+        "adapter_bytes": (size := outcome["adapter_params"] * trainable[0].element_size()), "adapter_mib": size / 2**20,
         "head_params": head_params, "trainable_params": sum(p.numel() for p in trainable),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "peak_memory_bytes": peak_memory_bytes(accelerator.device),
@@ -117,10 +114,7 @@ def run(cfg, run_dir: str) -> dict:
         "step_seconds_median": statistics.median(progress.step_times), "steps": progress.step,
         "resumed_from_step": resumed["progress"]["step"] if resumed else None, "lr": cfg.train.lr,
         "mixed_precision": accelerator.mixed_precision, "threads": torch.get_num_threads(),
-        "base_dtype": str(base_dtype(cfg.model, not method.trains_adapter)).removeprefix("torch."),
-        "quantize": cfg.model.get("quantize"),
-        "base_sha256": base_sha256(cfg.model), "versions": library_versions(),  # what the same numbers need
-        "source": source_revision(), "hub_revisions": revisions,
+        **environment_record(cfg, method, unwrapped),
     }
     if main:
         write_results(method, metrics, unwrapped, log, resolved, run_dir, t_start, progress.step)
@@ -129,6 +123,15 @@ def run(cfg, run_dir: str) -> dict:
         checkpoint.remove(run_dir)  # the run is complete: metrics, adapter and logs hold everything
     accelerator.end_training()
     return metrics
+
+
+def environment_record(cfg, method, model) -> dict:
+    """What the same numbers need besides the config: the base's dtype and quantisation, its file's sha256 (a
+    base pretrained here), the numeric libraries' versions, the lorambo commit, and what the hub served."""
+    return {"base_dtype": str(base_dtype(cfg.model, not method.trains_adapter)).removeprefix("torch."),
+            "quantize": cfg.model.get("quantize"), "base_sha256": base_sha256(cfg.model),
+            "versions": library_versions(), "source": source_revision(),
+            "hub_revisions": hub_revisions(model, cfg.task)}
 
 
 def write_results(method, metrics: dict, model, log, resolved: dict, run_dir: str, t_start: float, step: int):
