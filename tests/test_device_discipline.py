@@ -132,3 +132,23 @@ def test_the_simulation_refuses_what_cuda_refuses():
         assert x.sum().item() == 15.0 and x.tolist()[1] == [3.0, 4.0, 5.0]
         assert x.cpu().numpy().sum() == 15.0
         assert isinstance(torch.zeros(2, device=x.device), OnDevice)
+
+
+@pytest.mark.parametrize("allocator", ["frobenius_greedy", "data_weighted", "hessian_offline"])
+def test_lorambo_allocate_keeps_to_the_models_device(allocator, monkeypatch, tmp_path):
+    """lorambo-allocate measures on the accelerator's device too (its spectra were read with .numpy() there)."""
+    from accelerate.state import PartialState
+
+    from lorambo.allocate import write_allocation_for_peft
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg(["logger=none", *TINY, f"allocator={allocator}"])
+    PartialState._reset_state()
+    try:
+        with monkeypatch.context() as env, simulated_device() as mode:
+            env.setenv("ACCELERATE_TORCH_DEVICE", str(SIMULATED))
+            allocation = write_allocation_for_peft(cfg, str(tmp_path))
+    finally:
+        PartialState._reset_state()
+    assert mode.device_ops > 100 and allocation["adapter_params"] <= allocation["p_max"]
+    assert (tmp_path / "adapter_config.json").exists()
