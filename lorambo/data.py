@@ -171,6 +171,23 @@ def _wiki_pairs(path, validation_fraction: float):
     return datasets.DatasetDict(out)
 
 
+def map_fingerprint(ds, encode, task_cfg, tokenizer) -> str:
+    """The fingerprint of `ds.map(encode)` (the name of its cache file for a hub dataset), from cheap parts: the
+    input's fingerprint, the task's config, the tokenizer's serialised form and `encode`'s code. Left to itself,
+    datasets pickles `encode` with dill, the tokenizer in its closure included: about 1 s a call, half of a tiny
+    run."""
+    import inspect
+
+    from datasets.fingerprint import Hasher
+    from omegaconf import OmegaConf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's whole vocabulary and rules
+    tokenizer_id = backend.to_str() if backend is not None else (f"{type(tokenizer).__name__} {tokenizer.name_or_path} "
+                                                                  f"{len(tokenizer)} {sorted(tokenizer.init_kwargs)}")
+    return Hasher.hash([ds._fingerprint, OmegaConf.to_yaml(task_cfg, resolve=True), tokenizer_id,
+                        inspect.getsource(encode)])
+
+
 def _eval_split_names(task_cfg) -> dict:
     """Report name -> split name; e.g. MNLI's {matched: validation_matched, mismatched: validation_mismatched}."""
     return dict(task_cfg.get("eval_splits") or {"validation": "validation"})
@@ -188,7 +205,8 @@ def _classification_task(task_cfg, raw, tokenizer) -> TaskData:
 
     def prepare(split, limit):
         ds = _subsample(raw[split].shuffle(seed=0) if limit else raw[split], limit)
-        ds = ds.map(encode, batched=True, remove_columns=ds.column_names)
+        ds = ds.map(encode, batched=True, remove_columns=ds.column_names,
+                    new_fingerprint=map_fingerprint(ds, encode, task_cfg, tokenizer))
         return ds.with_format("torch")
 
     train = prepare(task_cfg.get("train_split", "train"), task_cfg.get("max_train_samples"))
@@ -223,8 +241,9 @@ def _lm_task(task_cfg, raw, tokenizer) -> TaskData:
         ds, parts, done, docs = raw[split], [], 0, MAP_BATCH
         while True:
             end = min(docs, len(ds)) if limit else len(ds)
-            parts.append(ds.select(range(done, end)).map(encode, batched=True, batch_size=MAP_BATCH,
-                                                         remove_columns=ds.column_names))
+            part = ds.select(range(done, end))
+            parts.append(part.map(encode, batched=True, batch_size=MAP_BATCH, remove_columns=ds.column_names,
+                                  new_fingerprint=map_fingerprint(part, encode, task_cfg, tokenizer)))
             done, docs = end, docs * 4
             if not limit or sum(len(p) for p in parts) >= limit or done == len(ds):
                 return _subsample(concatenate_datasets(parts), limit).with_format("torch")

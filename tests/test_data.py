@@ -26,3 +26,29 @@ def test_a_limited_lm_split_is_the_first_blocks_of_the_whole_split(monkeypatch):
     assert torch.equal(limited.train[:]["input_ids"], whole.train[:300]["input_ids"])
     # a limit above the split's size: all of it
     assert torch.equal(limited.evals["validation"][:]["input_ids"], whole.evals["validation"][:]["input_ids"])
+
+
+def test_tokenising_a_task_does_not_pickle_the_tokenizer_and_its_fingerprint_names_what_changed(monkeypatch):
+    """datasets fingerprints a map by pickling its function with dill, the tokenizer in the closure included (about
+    1 s a call, half of a tiny run): lorambo names the map itself. The name still changes with what the rows are
+    made from (a hub dataset's cache file is found by it)."""
+    import datasets.arrow_dataset
+    import datasets.fingerprint
+
+    original = datasets.fingerprint.update_fingerprint
+
+    def no_function_hashed(fingerprint, transform, transform_args):
+        assert not any(callable(v) for v in transform_args.values()), f"datasets hashed {transform}'s function"
+        return original(fingerprint, transform, transform_args)
+
+    for module in (datasets.fingerprint, datasets.arrow_dataset):
+        monkeypatch.setattr(module, "update_fingerprint", no_function_hashed)
+    fingerprints = {}
+    for name, overrides in {"bert": ["model=tiny_bert", "task=rt_snippets"],
+                            "bert_short": ["model=tiny_bert", "task=rt_snippets", "task.max_length=8"],
+                            "lm": LM, "lm_short": [*LM, "task.max_length=16"]}.items():
+        cfg = compose_cfg([*overrides, "task.max_train_samples=32", "task.max_eval_samples=16"])
+        fingerprints[name] = load_task(cfg.task, cfg.model, build_tokenizer(cfg.model)).train._fingerprint
+    assert len(set(fingerprints.values())) == 4
+    again = compose_cfg(["model=tiny_bert", "task=rt_snippets", "task.max_train_samples=32", "task.max_eval_samples=16"])
+    assert load_task(again.task, again.model, build_tokenizer(again.model)).train._fingerprint == fingerprints["bert"]
