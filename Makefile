@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test smoke bench clean
+.PHONY: setup demo test test-fast coverage smoke bench clean
 
 setup: $(VENV)/.installed $(FASHION_MNIST)
 
@@ -28,6 +28,15 @@ smoke: setup
 
 test: setup
 	$(VENV)/bin/pytest -q --durations=25   # the slowest tests, so that every CI run shows where the time goes
+
+test-fast: setup  # after every edit: everything but the end-to-end runs and real models (marker `slow`)
+	$(VENV)/bin/pytest -q -m "not slow" --durations=10
+
+coverage: setup  # line coverage of lorambo/ by the whole suite
+	rm -f .coverage .coverage.*
+	$(VENV)/bin/coverage run -m pytest -q
+	$(VENV)/bin/coverage combine -q
+	$(VENV)/bin/coverage report --skip-covered | tail -n 30
 
 bench: setup
 	$(PY) bench/harness.py --json runs/bench.json

@@ -15,3 +15,22 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="session")
+def pair_csv(tmp_path_factory):
+    """A small local file of text pairs with labels (label 1 when the pair shares its first word): the
+    local_file task of tiny_roberta (tests/helpers.FAMILIES)."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    words = ["good", "bad", "long", "short", "red", "blue", "fast", "slow"]
+    path = tmp_path_factory.mktemp("data") / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["premise", "hypothesis", "label"])
+        for _ in range(200):
+            a, b = rng.choice(words), rng.choice(words)
+            writer.writerow([f"{a} film here", f"{b} story there", int(a == b)])
+    return str(path)

@@ -11,7 +11,7 @@ import lorambo  # noqa: F401
 from lorambo.adapters import factor_matrices, lora_layers
 from lorambo.budget import LayerSpec
 from lorambo.methods.growth import OnlineGrowth
-from tests.test_growth import LORA, Tiny
+from tests.helpers import LORA, Tiny
 
 
 def main(out_dir):

@@ -9,8 +9,7 @@ from safetensors.torch import load_file
 from lorambo.methods.ard_lora import depth_chains, head_groups, l1_penalty, soft_mask, true_parameter_count, tv_penalty
 from lorambo.budget import LayerSpec
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
-from tests.helpers import compose_cfg, run_in_process
-from tests.test_runs import FAMILIES, QUICK, evaluate_independently, load_base
+from tests.helpers import FAMILIES, QUICK, compose_cfg, evaluate_independently, load_base, run_in_process
 
 
 @pytest.mark.usefixtures("float64")

@@ -127,7 +127,7 @@ def test_string_labels_train_and_reload_with_their_names(tmp_path):
     from peft import PeftModel
 
     from tests.helpers import compose_cfg, run_in_process
-    from tests.test_runs import evaluate_independently, load_base
+    from tests.helpers import evaluate_independently, load_base
 
     names = ["entailment", "neutral", "contradiction"]
     rows = [{"premise": f"a man plays {i}", "hypothesis": f"someone plays {i % 7}", "label": names[i % 3]}

@@ -18,8 +18,6 @@ from lorambo.evaluation import loss_and_logits
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
 from lorambo.sensitivity import estimate
 from tests.helpers import compose_cfg, run_in_process
-from tests.test_runs import (FAMILIES, QUICK, evaluate_independently, layer_costs, load_base, pair_csv,  # noqa: F401
-                             saved_lora_params)
 
 
 def test_gradient_step_B_is_the_projected_descent_step_in_float64():
@@ -168,29 +166,6 @@ def test_eva_and_gora_start_their_adapters_as_their_papers_say(tiny_bert_statist
                 torch.testing.assert_close(layer.scaling[ADAPTER] * (B @ A).double(), expected, rtol=1e-4,
                                            atol=1e-9)
         model = peft_model.unload()
-
-
-# PEFT's EVA adapts no convolution (tiny_resnet: tests/test_cli.py checks its one-line error); GoRA does
-CELLS = [(a, f) for a in ("eva", "gora") for f in sorted(FAMILIES) if (a, f) != ("eva", "tiny_resnet")]
-
-
-@pytest.mark.parametrize("allocator,family", CELLS)
-def test_eva_and_gora_run_on_every_family_within_budget_and_reload(allocator, family, tmp_path, pair_csv):
-    from peft import PeftModel
-
-    overrides = [*FAMILIES[family], *QUICK, "train.eval_every=0", "budget=r4", f"allocator={allocator}",
-                 "sensitivity.gradient_batches=2"]
-    if "task=local_file" in overrides:
-        overrides.append(f"task.path={pair_csv}")
-    run_dir = tmp_path / "run"
-    metrics = run_in_process(overrides, run_dir)
-    cfg = compose_cfg(overrides)
-    costs = layer_costs(cfg)
-    assert metrics["adapter_params"] == saved_lora_params(run_dir) == sum(
-        r * costs[n] for n, r in metrics["ranks"].items()) <= metrics["p_max"]
-    reloaded = PeftModel.from_pretrained(load_base(cfg, run_dir), str(run_dir / "adapter"))
-    for key, value in evaluate_independently(cfg, reloaded).items():
-        assert value == pytest.approx(metrics[key], rel=1e-4), key
 
 
 def allocate_cli(args, tmp_path, monkeypatch, capfd):

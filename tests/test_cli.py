@@ -29,17 +29,17 @@ def test_smoke_run_is_complete_and_quick(tmp_path):
     assert os.path.exists(os.path.join(os.path.dirname(path), "adapter", "adapter_config.json"))
 
 
-def test_wandb_offline_logs_into_the_run_folder(tmp_path):
-    result = run_cli([*SMOKE, "logger=wandb_offline"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_wandb_offline_logs_into_the_run_folder(tmp_path, monkeypatch, capfd):
+    code, _, err = run_main([*SMOKE, "logger=wandb_offline"], tmp_path, monkeypatch, capfd)
+    assert code == 0, err
     (path,) = completed_runs(tmp_path)
     offline = glob.glob(os.path.join(os.path.dirname(path), "wandb", "offline-run-*", "*.wandb"))
     assert offline, "no offline wandb run written"
 
 
-def test_sweep_runs_every_cell(tmp_path):
-    result = run_cli(["-m", *SMOKE, "budget=r1,r4"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_sweep_runs_every_cell(tmp_path, monkeypatch, capfd):
+    code, _, err = run_main(["-m", *SMOKE, "budget=r1,r4"], tmp_path, monkeypatch, capfd)
+    assert code == 0, err
     runs = sorted(completed_runs(tmp_path))
     assert len(runs) == 2
     params = sorted(json.load(open(p))["adapter_params"] for p in runs)

@@ -1,12 +1,14 @@
 """Every model composes with every task of its family; the rest are refused with a one-line reason."""
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
 from lorambo.cli import group_options
 from lorambo.errors import LoramboError
 from lorambo.models import FAMILY_TASK_TYPES, check_model_fits_task
-from tests.helpers import compose_cfg, run_cli
+from tests.helpers import compose_cfg, run_main
 
 MODELS = group_options("model")
 TASKS = group_options("task")
@@ -30,9 +32,24 @@ def test_default_is_the_offline_default():
         "minilm", "rt_snippets", "uniform", "offline")
 
 
+def paired(model, task):
+    """The config of model=MODEL task=TASK, from the two composed once each: a model's and a task's configs fill
+    their own groups only (no _global_ package), so the pair is the model's config with the task's group in it
+    (test_a_pair_assembled_is_the_pair_composed checks that on pairs of every family)."""
+    cfg = compose_cfg([f"model={model}"])
+    cfg.task = compose_cfg([f"task={task}"]).task
+    return cfg
+
+
+@pytest.mark.parametrize("model,task", [("bert", "qnli"), ("gpt2", "wikitext103"), ("resnet50", "imagenet1k"),
+                                        ("tiny_llama", "arithmetic"), ("t5", "stsb"), ("roberta", "fashion_mnist")])
+def test_a_pair_assembled_is_the_pair_composed(model, task):
+    assert paired(model, task) == compose_cfg([f"model={model}", f"task={task}"])
+
+
 @pytest.mark.parametrize("model,task", PAIRS)
 def test_every_model_task_pair_composes_or_is_refused(model, task):
-    cfg = compose_cfg([f"model={model}", f"task={task}"])
+    cfg = paired(model, task)
     # every value resolves (a local_file task's path is the user's to give: left missing, ???)
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert container["model"]["name"] == model and container["task"]["name"] == task
@@ -71,8 +88,8 @@ def test_mnli_reports_matched_and_mismatched():
     ["model=resnet50", "task=imagenet1k", "budget=6M"],
     ["model=bert", "task=cola", "budget=r8", "logger=wandb"],
 ])
-def test_cli_prints_the_job_config_offline(args, tmp_path):
-    result = run_cli([*args, "--cfg", "job"], cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stderr
+def test_cli_prints_the_job_config_offline(args, tmp_path, monkeypatch, capfd):
+    code, out, err = run_main([*args, "--cfg", "job"], tmp_path, monkeypatch, capfd)
+    assert code == 0, err
     model = [a for a in args if a.startswith("model=")][0].split("=")[1]
-    assert f"name: {model}" in result.stdout
+    assert f"name: {model}" in out and not os.listdir(tmp_path)  # printed, nothing run

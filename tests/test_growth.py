@@ -14,21 +14,7 @@ from torch import nn
 import lorambo  # noqa: F401
 from lorambo.adapters import adapter_ranks, factor_matrices, grow_rank, lora_layers, sync_peft_config, wrap_lora
 from lorambo.methods.growth import GradientCapture, residual, singular_values_and_right_vectors
-from tests.helpers import run_in_process
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.fc1 = nn.Linear(64, 16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(torch.relu(self.conv(x)).flatten(1))))
-
-
-LORA = OmegaConf.create({"alpha": 8, "dropout": 0.0, "scaling": "per_layer"})
+from tests.helpers import LORA, Tiny, run_in_process
 
 
 def trained_tiny(steps=5, rslora=False):

@@ -203,14 +203,14 @@ def sweep_runs(folder):
             if json.load(open(p))["eval_splits"] != ["dev"]]
 
 
-def test_llm_method_comparison_runs_every_row_at_two_steps_on_a_tiny_llama(tmp_path):
+def test_llm_method_comparison_runs_every_row_at_two_steps_on_a_tiny_llama(tmp_path, monkeypatch, capfd):
     """The GPU preset as shipped, with the model and data swapped for a tiny Llama and local files."""
-    from tests.helpers import run_cli
+    from tests.helpers import run_here
 
-    result = run_cli(["experiment=llm_method_comparison", "model=tiny_llama", "model.pretrained=null",
+    result = run_here(["experiment=llm_method_comparison", "model=tiny_llama", "model.pretrained=null",
                       "task=local_instruct", *write_splits(tmp_path), "budget=r2", "train.max_steps=2",
                       "task.max_new_tokens=4", "train.mixed_precision=no", "logger=none",
-                      "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=1200)
+                      "hydra.sweep.dir=sweep"], tmp_path, monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sweep_runs(tmp_path / "sweep")
     assert sorted(r["allocator"] for r in runs) == sorted(
@@ -222,19 +222,19 @@ def test_llm_method_comparison_runs_every_row_at_two_steps_on_a_tiny_llama(tmp_p
                for r in runs)
 
 
-def test_llm_track_cpu_runs_tuned_rows_with_forgetting_and_a_report(tmp_path):
-    from tests.helpers import run_cli
+def test_llm_track_cpu_runs_tuned_rows_with_forgetting_and_a_report(tmp_path, monkeypatch, capfd):
+    from tests.helpers import run_here
 
-    result = run_cli(["experiment=llm_track_cpu", "model=tiny_gpt2", "table_row=uniform,hessian_online", "seed=0",
+    result = run_here(["experiment=llm_track_cpu", "model=tiny_gpt2", "table_row=uniform,hessian_online", "seed=0",
                       "task.sizes={train:96,validation:8,test:6}", "task.max_train_samples=96",
                       "task.forgetting.max_eval_samples=4", "task.max_new_tokens=4", "train.max_steps=2",
-                      "hydra.sweeper.lr_factors=[1.0]", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=1200)
+                      "hydra.sweeper.lr_factors=[1.0]", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sweep_runs(tmp_path / "sweep")
     assert sorted(r["allocator"] for r in runs) == ["hessian_online", "uniform"]
     # the preset's first column and search metric: the validation loss (accuracy sits at the floor on this base)
     assert all(r["reported_metrics"] == ["validation_loss", "accuracy", "forgetting"] for r in runs)
-    report = run_cli(["sweep"], cwd=tmp_path, program="lorambo-report")
+    report = run_here(["sweep"], tmp_path, monkeypatch, capfd, program="lorambo-report")
     assert report.returncode == 0 and "forgetting" in report.stdout, report.stderr[-2000:]
 
 
@@ -254,10 +254,10 @@ def test_sts_b_reports_pearson_spearman_and_their_mean():
     assert out["pearson_spearman"] == pytest.approx((pearson + spearman) / 2)
 
 
-def test_adalora_glue_runs_every_row_at_two_steps_and_reports_the_papers_numbers(tmp_path):
+def test_adalora_glue_runs_every_row_at_two_steps_and_reports_the_papers_numbers(tmp_path, monkeypatch, capfd):
     """The GPU preset on a tiny DeBERTa-v3 and a local STS-B copy: AdaLoRA's recipe, its rows, its metrics, and
     AdaLoRA Table 1's numbers beside ours in the report."""
-    from tests.helpers import run_cli, write_csv_splits
+    from tests.helpers import run_here, write_csv_splits
 
     def row(rng):
         score = rng.uniform(0, 5)
@@ -267,13 +267,13 @@ def test_adalora_glue_runs_every_row_at_two_steps_and_reports_the_papers_numbers
                             {"train": 64, "validation": 24})
     cfg = compose_cfg(["experiment=adalora_glue", "task=stsb"])
     assert (cfg.train.epochs, cfg.train.lr, cfg.task.max_length, cfg.train.batch_size) == (25, 2.2e-3, 128, 32)
-    result = run_cli(["experiment=adalora_glue", "task=stsb", f"task.dataset.path={glue}", "task.dataset.name=null",
+    result = run_here(["experiment=adalora_glue", "task=stsb", f"task.dataset.path={glue}", "task.dataset.name=null",
                       "model=tiny_deberta_v3", "model.pretrained=null", "seed=0", "train.max_steps=2",
-                      "train.batch_size=8", "logger=none", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=1200)
+                      "train.batch_size=8", "logger=none", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sweep_runs(tmp_path / "sweep")
     assert len(runs) == 10 and all(r["reported_metrics"] == ["pearson", "spearman", "pearson_spearman"]
                                    for r in runs)
-    report = run_cli(["sweep", "--no-plots"], cwd=tmp_path, program="lorambo-report")
+    report = run_here(["sweep", "--no-plots"], tmp_path, monkeypatch, capfd, program="lorambo-report")
     assert report.returncode == 0, report.stderr[-2000:]
     assert "AdaLoRA Table 1 (arXiv 2303.10512v2)" in report.stdout and "[~91.68," in report.stdout  # LoRA r=2

@@ -1,41 +1,43 @@
-"""The real offline default: pretrained MiniLM-L6 on the real Rotten Tomatoes snippets learns."""
+"""The real offline default: pretrained MiniLM-L6 on the real Rotten Tomatoes snippets learns, and every allocator
+spends the budget on its 36 real projections from statistics measured on it."""
 
 import pytest
+import torch
 
-from tests.helpers import run_in_process
+from lorambo.allocation import measure
+from lorambo.allocators import ALLOCATORS, allocate, import_allocators, required_stats
+from lorambo.budget import resolve_p_max
+from lorambo.models import adaptable_layers, load_data_and_base
+from tests.helpers import STATS_FEW, compose_cfg, run_in_process
+
+pytestmark = pytest.mark.slow
 
 
 def test_pretrained_minilm_learns_sentiment(tmp_path):
-    # 100 steps of batch 16 on 1,600 training snippets, 400 held-out ones (about a minute on 2 cores)
-    metrics = run_in_process(["task.max_train_samples=1600", "task.max_eval_samples=400", "train.max_steps=100"],
-                             tmp_path / "minilm")
+    # 30 steps of batch 16 at 6x the default rate (0.735 here; before: 100 steps at the default rate, twice the
+    # time). The validation set is balanced: chance is 0.5, a constant guess at most ~0.55 (200 snippets: a
+    # standard error of 0.035), so 0.65 needs the snippets' sentiment learned
+    metrics = run_in_process(["task.max_train_samples=800", "task.max_eval_samples=200", "train.max_steps=30",
+                              "train.lr=3e-3", "task.max_length=48", "train.eval_every=0"], tmp_path / "minilm")
     assert metrics["model"] == "minilm" and metrics["task"] == "rt_snippets"
-    # the validation set is balanced (about 50% each class): chance is 0.5, a constant guess at most ~0.55
-    assert metrics["accuracy"] > 0.7, metrics["accuracy"]
+    assert metrics["accuracy"] > 0.65, metrics["accuracy"]
 
 
-@pytest.mark.parametrize("allocator", ["frobenius_greedy", "gradient", "hessian_offline", "data_weighted",
-                                       "hessian_online"])
-def test_every_allocator_runs_on_the_real_minilm(allocator, tmp_path):
-    overrides = ["task.max_train_samples=256", "task.max_eval_samples=64", "train.max_steps=6", "budget=r4",
-                 f"allocator={allocator}", "method.grow_every=3" if allocator == "hessian_online" else "seed=0"]
-    metrics = run_in_process(overrides, tmp_path / allocator)
-    assert len(metrics["ranks"]) >= 1 and metrics["adapter_params"] <= metrics["p_max"]
-    assert metrics["sensitivity_seconds"] > 0
-    if allocator != "hessian_online":
-        assert metrics["p_max"] - metrics["adapter_params"] < 384 + 1536  # one rank of the costliest layer
-
-
-@pytest.mark.parametrize("method", [["method=dora"], ["method=adalora", "method.delta_t=1"],
-                                    ["method=ard_lora"], ["method=full_ft", "optimizer=galore"],
-                                    ["method=full_ft", "optimizer=adarankgrad"]])
-def test_related_methods_run_on_the_real_minilm(method, tmp_path):
-    metrics = run_in_process(["task.max_train_samples=256", "task.max_eval_samples=64", "train.max_steps=6",
-                              "budget=r4", *method], tmp_path / "run")
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["optimizer_state_bytes"] > 0
-    if "method=full_ft" in method:
-        assert 1 <= metrics["effective_rank"] <= 4
-    elif "method=adalora" in method:  # AdaLoRA budgets total rank (LoRA r4's: 4 per layer); its pattern, the count
-        assert sum(metrics["ranks"].values()) == 4 * 36 and metrics["adapter_params"] > 0  # 6 blocks x 6 matrices
-    else:
-        assert 0 < metrics["adapter_params"] <= 1.05 * metrics["p_max"]
+def test_every_allocator_spends_the_budget_on_the_real_minilm():
+    cfg = compose_cfg(["task.max_train_samples=256", "task.max_eval_samples=64", "budget=r4", *STATS_FEW])
+    torch.manual_seed(0)
+    data, model = load_data_and_base(cfg, "/nonexistent-unused", False)
+    layers = adaptable_layers(model, cfg.model.target_modules)
+    assert len(layers) == 36  # 6 blocks x (query, key, value, attention output, intermediate, output)
+    p_max = resolve_p_max(cfg.budget, layers)
+    import_allocators()
+    stats = measure(set().union(*(required_stats(n) for n in ALLOCATORS)), cfg, model, layers, data,
+                    torch.device("cpu"), 1, p_max)
+    for name in sorted(ALLOCATORS):
+        ranks = allocate(name, layers, p_max, stats)
+        spent = sum(r * l.cost for l in layers for n, r in ranks.items() if n == l.name)
+        assert 0 < spent <= p_max, name
+        if name != "hessian_online":  # it starts below the budget and grows into the rest while training
+            assert p_max - spent < 384 + 1536, name  # within one rank of the costliest layer
+        if name not in ("uniform", "hessian_online", "eva"):  # eva_rho=1 (STATS_FEW) caps EVA at the uniform rank
+            assert len(set(ranks.values())) > 1, name  # the real model's statistics differ between layers

@@ -3,39 +3,17 @@ costed from the weights, MoE routers left out, and the new families (Llama, Qwen
 end on tiny models built from configs, through their named configs and through model=hf on a local folder."""
 
 import json
-import os
 
 import pytest
 import torch
 
-from lorambo.allocation import measure
-from lorambo.allocators import ALLOCATORS, allocate, import_allocators, required_stats
 from lorambo.budget import resolve_p_max
 from lorambo.errors import LoramboError
-from lorambo.methods.adalora import adalora_target_rank
-from lorambo.models import (adaptable_layers, build_model, build_tokenizer, found_head_modules, found_target_modules,
-                            resolve_auto_modules, resolve_family)
-from tests.helpers import compose_cfg, run_in_process, run_main
-from tests.test_runs import QUICK, evaluate_independently, saved_lora_params
+from lorambo.models import (adaptable_layers, build_tokenizer, found_head_modules, found_target_modules,
+                            resolve_family)
+from tests.helpers import FAMILIES, FAST, built, compose_cfg, run_and_check, run_in_process, run_main
 
-NEW = {
-    "tiny_llama": ["model=tiny_llama", "task=wiki_summaries", "task.max_length=32"],
-    "tiny_qwen2": ["model=tiny_qwen2", "task=wiki_summaries", "task.max_length=32"],
-    "tiny_mistral": ["model=tiny_mistral", "task=rt_snippets"],
-    "tiny_deberta_v3": ["model=tiny_deberta_v3", "task=rt_snippets"],
-}
-FAST = [*QUICK, "train.eval_every=0", "budget=r4", "sensitivity.gradient_batches=2", "sensitivity.hessian_batches=1",
-        "sensitivity.covariance_batches=2", "sensitivity.fisher_batches=2", "sensitivity.eva_tau=0.0", "sensitivity.eva_rho=1"]
-
-
-def built(overrides):
-    """(cfg with family and modules resolved, the base model) as a run builds them."""
-    cfg = compose_cfg(overrides)
-    resolve_family(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.task, build_tokenizer(cfg.model))
-    resolve_auto_modules(cfg.model, model)
-    return cfg, model
+NEW = {name: FAMILIES[name] for name in ("tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_deberta_v3")}
 
 
 @pytest.mark.parametrize("model,task", [("tiny_bert", "rt_snippets"), ("tiny_roberta", "rt_snippets"),
@@ -106,94 +84,32 @@ def test_models_that_cannot_be_adapted_get_one_line(tmp_path, monkeypatch, capfd
                                     "+model.hf_config={model_type:t5,d_model:8}"]))
 
 
-@pytest.mark.parametrize("family", sorted(NEW))
-def test_every_statistic_and_allocator_on_the_new_families(family):
-    """Every statistic measured on the real model (DeBERTa runs query_proj and key_proj on its position
-    embeddings too), then every allocator spends the budget on what was found."""
-    from lorambo.models import load_data_and_base
-
-    cfg = compose_cfg([*NEW[family], *FAST])
-    resolve_family(cfg)
-    torch.manual_seed(0)
-    data, model = load_data_and_base(cfg, "/nonexistent-unused", False)
-    layers = adaptable_layers(model, cfg.model.target_modules)
-    p_max = resolve_p_max(cfg.budget, layers)
-    import_allocators()
-    needed = set().union(*(required_stats(name) for name in ALLOCATORS))
-    stats = measure(needed, cfg, model, layers, data, torch.device("cpu"), 1, p_max)
-    costliest = max(l.cost for l in layers)
-    for name in sorted(ALLOCATORS):
-        ranks = allocate(name, layers, p_max, stats)
-        spent = sum(r * l.cost for l in layers for n, r in ranks.items() if n == l.name)
-        assert 0 < spent <= p_max, name
-        if name != "hessian_online":  # it starts below the budget and grows into the rest while training
-            assert p_max - costliest < spent, name
-
-
-def run_and_check(overrides, run_dir, base_dir=None):
-    """A run; its counts against the saved adapter and the layers found; the PEFT round trip reproduces it."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    metrics = run_in_process(overrides, run_dir)
-    cfg, base = built(overrides)
-    layers = {l.name: l for l in adaptable_layers(base, cfg.model.target_modules)}
-    assert set(metrics["ranks"]) <= set(layers)
-    per_rank = 1 if metrics["method"] == "adalora" else 0  # AdaLoRA: a singular value per rank
-    dora = sum(layers[n].d_out for n in metrics["ranks"]) if metrics["method"] == "dora" else 0
-    if metrics["method"] == "ard_lora":  # per-head ranks: the file holds PEFT's form, rank max_h r_h per layer
-        assert saved_lora_params(run_dir) == metrics["adapter_params_peft_form"] == sum(
-            r * layers[n].cost for n, r in metrics["ranks"].items())
-    else:
-        assert metrics["adapter_params"] == saved_lora_params(run_dir) == sum(
-            r * (layers[n].cost + per_rank) for n, r in metrics["ranks"].items()) + dora
-    if metrics["method"] == "adalora":  # it controls total rank, not parameters: its final pattern decides those
-        assert sum(metrics["ranks"].values()) == len(layers) * adalora_target_rank(list(layers.values()),
-                                                                                   metrics["p_max"])
-    else:
-        assert metrics["adapter_params"] <= metrics["p_max"]
-    assert metrics["head_params"] == sum(p.numel() for h in cfg.model.head_modules
-                                         for p in base.get_submodule(h).parameters())
-    auto = AutoModelForCausalLM if cfg.model.family == "causal_lm" else AutoModelForSequenceClassification
-    reloaded = PeftModel.from_pretrained(auto.from_pretrained(base_dir or run_dir / "base_model"),
-                                         str(run_dir / "adapter"))
-    for key, value in evaluate_independently(cfg, reloaded).items():
-        assert value == pytest.approx(metrics[key], rel=1e-4), key
-    return metrics
-
-
-VARIANTS = {
-    "growth": ["allocator=hessian_online", "method.grow_every=2", "method.growth_events=2"],
-    "eva": ["allocator=eva"],
-    "gora": ["allocator=gora"],
-    "adalora": ["method=adalora", "method.delta_t=1"],
-    "dora": ["method=dora"],
-    "ard_lora": ["method=ard_lora"],
-    "frobenius_greedy": ["allocator=frobenius_greedy"],
-    "gradient": ["allocator=gradient"],
-    "hessian_offline": ["allocator=hessian_offline"],
-    "data_weighted": ["allocator=data_weighted"],
-}
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("family", sorted(NEW))
-def test_every_allocator_growth_and_baseline_runs_on_the_new_families(family, variant, tmp_path):
-    metrics = run_and_check([*NEW[family], *FAST, *VARIANTS[variant]], tmp_path)
-    if variant == "growth":
-        assert metrics["growth_events"] >= 1
-
-
-@pytest.mark.parametrize("family", sorted(NEW))
-def test_model_hf_runs_on_a_local_folder_of_each_family(family, tmp_path):
+def hf_folder_overrides(family, tmp_path):
+    """model=hf on a local folder holding the family's tiny model (seed 0), as a user's own model."""
     cfg, base = built(NEW[family])
     folder = tmp_path / "base"
     base.save_pretrained(folder)
     # the tiny models borrow MiniLM's vocabulary: beside a Qwen2 config, transformers 5 would load it as Qwen2's
     build_tokenizer(cfg.model).save_pretrained(tmp_path / "tokenizer")
     overrides = [o for o in NEW[family] if not o.startswith("model=")]
-    metrics = run_and_check(["model=hf", f"model.pretrained={folder}", f"model.tokenizer={tmp_path / 'tokenizer'}",
-                             *overrides, *FAST], tmp_path / "run", folder)
+    return cfg, base, folder, ["model=hf", f"model.pretrained={folder}", f"model.tokenizer={tmp_path / 'tokenizer'}",
+                               *overrides]
+
+
+@pytest.mark.parametrize("family", sorted(NEW))
+def test_model_hf_on_a_local_folder_finds_the_named_configs_layers_and_head(family, tmp_path):
+    cfg, base, _, overrides = hf_folder_overrides(family, tmp_path)
+    hf_cfg, hf_base = built(overrides)
+    assert hf_cfg.model.family == cfg.model.family
+    assert ({l.name: l.cost for l in adaptable_layers(hf_base, hf_cfg.model.target_modules)}
+            == {l.name: l.cost for l in adaptable_layers(base, cfg.model.target_modules)})
+    assert list(hf_cfg.model.head_modules) == list(cfg.model.head_modules)
+
+
+@pytest.mark.slow
+def test_model_hf_runs_on_a_local_folder(tmp_path):
+    cfg, base, folder, overrides = hf_folder_overrides("tiny_qwen2", tmp_path)
+    metrics = run_and_check([*overrides, *FAST], tmp_path / "run", folder)
     resolved = (tmp_path / "run" / "config_resolved.yaml").read_text()
     assert metrics["model"] == "hf" and "target_modules: ^(" in resolved
     assert len(metrics["ranks"]) == len(adaptable_layers(base, cfg.model.target_modules))
@@ -204,22 +120,24 @@ NEW_MODELS = ["hf", "llama", "qwen2", "mistral", "deberta_v3", "tiny_llama", "ti
 
 
 def test_every_new_model_composes_with_each_task_of_its_family(tmp_path, monkeypatch, capfd):
-    from hydra import compose, initialize_config_dir
+    """Each model with each task of its family (assembled from the two composed once each, as test_config.py's
+    pairs are), and the command line's own composition of each model."""
+    from omegaconf import OmegaConf
 
     from lorambo.cli import group_options
-    from lorambo.config import CONF_DIR
     from lorambo.models import FAMILY_TASK_TYPES
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # one initialisation for every compose
-        tasks = {t: compose("config", [f"task={t}"]).task.type for t in group_options("task")}
-        for model in NEW_MODELS:
-            family = compose("config", [f"model={model}"]).model.family
-            types = {"classification", "regression", "lm"} if family == "auto" else FAMILY_TASK_TYPES[family]
-            fitting = [t for t, kind in tasks.items() if kind in types]
-            assert len(fitting) >= 8, model
-            for task in fitting:
-                cfg = compose("config", [f"model={model}", f"task={task}", "model.pretrained=x"])
-                assert cfg.model.name == model and cfg.task.name == task
+    tasks = {t: compose_cfg([f"task={t}"]).task for t in group_options("task")}
+    for model in NEW_MODELS:
+        cfg = compose_cfg([f"model={model}", "model.pretrained=x"])
+        family = cfg.model.family
+        types = {"classification", "regression", "lm"} if family == "auto" else FAMILY_TASK_TYPES[family]
+        fitting = [t for t, task in tasks.items() if task.type in types]
+        assert len(fitting) >= 8, model
+        for task in fitting:
+            cfg.task = tasks[task]
+            resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+            assert resolved["model"]["name"] == model and resolved["task"]["name"] == task
     for model in NEW_MODELS:
         code, out, err = run_main([f"model={model}", "task=rt_snippets", "model.pretrained=x", "--cfg", "job"],
                                   tmp_path, monkeypatch, capfd)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from lorambo.allocators.hessian_online import event_steps
 from lorambo.cli import group_options
 from lorambo.config import CONF_DIR, compose_config, preset_cells
-from tests.helpers import run_cli
+from tests.helpers import run_here
 
 PRESETS = [p for p in group_options("experiment") if p != "smoke"]
 
@@ -162,10 +162,10 @@ def test_command_line_narrows_a_preset_axis():
                                                                 "hydra.sweeper.lr_factors=[1.0]"], 7),
                                                  ("adarankgrad_cpu", ["seed=0",
                                                                       "hydra.sweeper.lr_factors=[1.0]"], 5)])
-def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path):
+def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path, monkeypatch, capfd):
     """The CPU preset as shipped (real MiniLM, real data), cut to 2 steps and 32 examples so it fits a test."""
-    result = run_cli([f"experiment={preset}", *narrow, "train.max_steps=2", "task.max_train_samples=64",
-                      "task.max_eval_samples=32", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=1200)
+    result = run_here([f"experiment={preset}", *narrow, "train.max_steps=2", "task.max_train_samples=64",
+                      "task.max_eval_samples=32", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.load(open(p)) for p in glob.glob(os.path.join(tmp_path, "sweep", "*", "metrics.json"))]
     assert len(runs) == jobs

@@ -12,7 +12,7 @@ from lorambo.config import compose_config
 from lorambo.data import _text_splits, load_task
 from lorambo.models import build_model, build_tokenizer
 from lorambo.pretrain import base_path
-from tests.helpers import run_cli
+from tests.helpers import run_here
 
 SMALL = ["model=small_gpt2_wiki", "task=wiki_adapt", "++model.hf_config.n_layer=1", "++model.hf_config.n_embd=32",
          "++model.hf_config.n_head=2",
@@ -40,13 +40,13 @@ def test_fashion_mnist_class_split_relabels():
     assert np.array_equal(data.train.images[labels == 0], full.train.images[old == 5])
 
 
-def test_base_is_pretrained_once_cached_and_loaded(tmp_path, monkeypatch):
+def test_base_is_pretrained_once_cached_and_loaded(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LORAMBO_CACHE", str(tmp_path / "cache"))
     args = [*SMALL, "logger=none", "train.max_steps=2", "task.max_train_samples=64", "task.max_eval_samples=16"]
-    first = run_cli([*args, "hydra.run.dir=first"], cwd=tmp_path, timeout=900)
+    first = run_here([*args, "hydra.run.dir=first"], tmp_path, monkeypatch, capfd)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "pretraining the base small_gpt2_wiki once" in first.stderr
-    second = run_cli([*args, "hydra.run.dir=second"], cwd=tmp_path, timeout=900)
+    second = run_here([*args, "hydra.run.dir=second"], tmp_path, monkeypatch, capfd)
     assert second.returncode == 0 and "pretraining the base" not in second.stderr  # cached
     cfg = compose_config(SMALL)
     base = base_path(cfg.model)
@@ -70,6 +70,6 @@ def test_base_is_pretrained_once_cached_and_loaded(tmp_path, monkeypatch):
     assert metrics[0]["versions"]["torch"] == torch.__version__
     # pretraining is deterministic: the same base pretrained again from scratch (a new cache) is bit-identical
     monkeypatch.setenv("LORAMBO_CACHE", str(tmp_path / "cache_again"))
-    again = run_cli([*args, "hydra.run.dir=again"], cwd=tmp_path, timeout=900)
+    again = run_here([*args, "hydra.run.dir=again"], tmp_path, monkeypatch, capfd)
     assert again.returncode == 0 and "pretraining the base" in again.stderr, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["base_sha256"] == expected

@@ -149,7 +149,7 @@ def test_bf16_training_keeps_float32_statistics_and_metrics_the_reloaded_adapter
     the saved adapter gives when reloaded (a perplexity: a bf16 evaluation would differ in the 3rd digit)."""
     from peft import PeftModel
 
-    from tests.test_runs import FAMILIES, QUICK, evaluate_independently, load_base
+    from tests.helpers import FAMILIES, QUICK, evaluate_independently, load_base
 
     common = [*FAMILIES["tiny_gpt2"], *QUICK, "train.eval_every=0", "allocator=gradient", "budget=r1",
               "sensitivity.gradient_batches=2"]

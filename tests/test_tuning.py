@@ -9,7 +9,7 @@ from lorambo.data import load_task
 from lorambo.evaluation import reported_metrics
 from lorambo.models import build_tokenizer
 from lorambo.tuning import best_point, grid_points
-from tests.helpers import compose_cfg, run_cli
+from tests.helpers import compose_cfg, run_here
 
 
 def test_grid_crosses_learning_rates_with_scale_policies_only_for_rows_that_have_one():
@@ -51,16 +51,16 @@ def test_a_dev_run_reports_the_plain_metric_name():
     assert reported_metrics(compose_cfg([]).task, ["validation"]) == ["accuracy"]
 
 
-def test_a_tuned_sweep_searches_every_row_alike_then_runs_the_choice_over_seeds(tmp_path):
+def test_a_tuned_sweep_searches_every_row_alike_then_runs_the_choice_over_seeds(tmp_path, monkeypatch, capfd):
     """As a user runs it, side by side (hydra/launcher=parallel: joblib's worker processes, each with cores / 2
     threads, each writing its own complete run folder)."""
     from lorambo.devices import machine_cores
 
     sweep = tmp_path / "tuned"
-    result = run_cli(["experiment=tuned", "model=tiny_bert", "table_row=uniform,adalora", "seed=0,1",
+    result = run_here(["experiment=tuned", "model=tiny_bert", "table_row=uniform,adalora", "seed=0,1",
                       "task.max_train_samples=128", "task.max_eval_samples=64", "train.max_steps=3",
                       "train.batch_size=8", "hydra.sweeper.lr_factors=[0.5,4]", f"hydra.sweep.dir={sweep}",
-                      "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], tmp_path, timeout=900)
+                      "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], tmp_path, monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((sweep / "tuning.json").read_text())
     assert [c["overrides"][0] for c in record["cells"]] == ["table_row=uniform", "table_row=adalora"]
@@ -82,7 +82,7 @@ def test_a_tuned_sweep_searches_every_row_alike_then_runs_the_choice_over_seeds(
         assert cell["dev_score"] == best
         assert {m["seed"] for m in finals if m["method"] == method} == {0, 1}
         assert all(m["lr"] == cell["chosen"]["train.lr"] for m in finals if m["method"] == method)
-    out = run_cli([str(sweep), "--no-plots"], tmp_path, timeout=300, program="lorambo-report")
+    out = run_here([str(sweep), "--no-plots"], tmp_path, monkeypatch, capfd, program="lorambo-report")
     assert out.returncode == 0, out.stderr[-2000:]
     report = out.stdout
     assert "**Tuned**" in report and "Learning-rate search" in report and "table_row=adalora" in report
