@@ -27,14 +27,15 @@ smoke: setup
 	$(VENV)/bin/lorambo-run experiment=smoke
 
 test: setup
-	$(VENV)/bin/pytest -q --durations=25   # the slowest tests, so that every CI run shows where the time goes
+	# a worker per core (each pinned to its core: tests/conftest.py); --durations: where the time goes, every run
+	$(VENV)/bin/pytest -q -n 2 --durations=25
 
 test-fast: setup  # after every edit: everything but the end-to-end runs and real models (marker `slow`)
-	$(VENV)/bin/pytest -q -m "not slow" --durations=10
+	$(VENV)/bin/pytest -q -n 2 -m "not slow" --durations=10
 
 coverage: setup  # line coverage of lorambo/ by the whole suite
 	rm -f .coverage .coverage.*
-	$(VENV)/bin/coverage run -m pytest -q
+	$(VENV)/bin/coverage run -m pytest -q -n 2
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report --skip-covered | tail -n 30
 

@@ -8,7 +8,7 @@ same as JSON on the last line (and to --json FILE if given).
     .venv/bin/python bench/harness.py [--repeats 8] [--steps 5] [--only minilm_vs_peft,...] [--json FILE]
 
 Parts (--only): minilm_vs_peft, tiny_gpt2_vs_peft, grown_vs_direct, sensitivity, allocation, full_ft,
-step_speed, compile, sweep, offline_default. The last two time whole lorambo-run commands (about 25 and 8 minutes
+step_speed, nonuniform_step, compile, sweep, offline_default. The last two time whole lorambo-run commands (about 25 and 8 minutes
 here); run the harness alone on the machine.
 """
 
@@ -481,6 +481,47 @@ def step_speed(args) -> dict:
     return out
 
 
+def spread_at_equal_parameters(ranks: dict[str, int], layers, low: int = 1, high: int = 14, seed: int = 0) -> dict:
+    """`ranks` (uniform) respread between `low` and `high` at exactly the same parameter count: one rank moved at a
+    time between two layers of the same cost (the spread of hessian_offline's and data_weighted's allocations on
+    MiniLM, ranks 1-14, without their budget slack)."""
+    import random
+
+    rng, cost, spread = random.Random(seed), {l.name: l.cost for l in layers}, dict(ranks)
+    names = sorted(spread)
+    for _ in range(50 * len(names)):
+        a, b = rng.sample(names, 2)
+        if cost[a] == cost[b] and spread[a] > low and spread[b] < high:
+            spread[a], spread[b] = spread[a] - 1, spread[b] + 1
+    return spread
+
+
+def nonuniform_step(args) -> dict:
+    """MiniLM LoRA at r4's budget: the step of uniform rank 4 against a spread allocation (ranks 1-14) of exactly the
+    same parameter count, interleaved at the default precision (and at bf16 when the CPU has bf16 arithmetic and
+    the default is float32, or float32 when the default is bf16), as a ratio paired by round."""
+    from lorambo.devices import cpu_has_bf16
+
+    cfg, model, batches = setting(["budget=r4"], 16, args.steps)
+    layers = adaptable_layers(model, cfg.model.target_modules)
+    uniform = allocate("uniform", layers, resolve_p_max(cfg.budget, layers))
+    spread = spread_at_equal_parameters(uniform, layers)
+    cost = {l.name: l.cost for l in layers}
+    out = {"parameters": sum(r * cost[n] for n, r in uniform.items()),
+           "spread_parameters": sum(r * cost[n] for n, r in spread.items()),
+           "spread_ranks": sorted(spread.values())}
+    precisions = [resolve_mixed_precision(cfg.train.mixed_precision)]
+    if cpu_has_bf16():
+        precisions.append("no" if precisions[0] == "bf16" else "bf16")
+    for precision in precisions:
+        pcfg = compose_config(["logger=none", "budget=r4", f"train.mixed_precision={precision}"])
+        steppers = {name: lorambo_stepper(wrap_lora(copy.deepcopy(model), ranks, pcfg.model.head_modules, pcfg.lora,
+                                                    False, 4), pcfg)
+                    for name, ranks in (("spread", spread), ("uniform", uniform))}
+        out[precision] = interleaved(steppers, batches, args.repeats)
+    return out
+
+
 COMPILE_FAMILIES = {  # family: (overrides, max_length) (MiniLM pretrained; causal LM and vision: the tiny configs)
     "encoder (minilm)": (["budget=r8"], 64),
     "causal_lm (tiny_gpt2)": (["model=tiny_gpt2", "task=wiki_summaries", "budget=r8"], 64),
@@ -578,6 +619,7 @@ PARTS = {
     "allocation": allocation_time,
     "full_ft": full_ft_optimizers,
     "step_speed": step_speed,
+    "nonuniform_step": nonuniform_step,
     "compile": compiled_vs_eager,
     "sweep": sweep_cells_per_hour,
     "offline_default": offline_default_wall,
@@ -627,6 +669,12 @@ def table_rows(r: dict) -> list[tuple[str, float, float | None, str]]:
             rows.append((f"{name}: % matmul / rng / optimizer / other",
                          prof["percent"]["matmul"], None, " / ".join(f"{prof['percent'][k]:.0f}" for k in
                                                                     ("matmul", "rng", "optimizer", "other"))))
+    if "nonuniform_step" in r:
+        x = r["nonuniform_step"]
+        for precision in ("no", "bf16"):
+            if precision in x:
+                rows.append((f"MiniLM step, ranks 1-14 / uniform r4 at equal parameters ({precision})",
+                             x[precision]["ratio"]["median"], x[precision]["ratio"]["iqr"], "<= 1.05"))
     if "compile" in r:
         for family, v in r["compile"].items():
             rows.append((f"compiled / eager step, {family}", v["ratio"]["median"], v["ratio"]["iqr"], ""))

@@ -3,9 +3,24 @@ import os
 import pytest
 import torch
 
+import lorambo  # noqa: F401  (its torchvision fix: xdist's controller imports the modules of workers' warnings)
+
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test`: -n 2), each worker gets its own share of the cores: its affinity, which
+    lorambo's thread count and every subprocess follow (torch starts a thread per core in every process; two
+    full-width processes on 2 cores slowed each other many times over)."""
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if workers <= len(cores):
+            mine = set(cores[int(worker.removeprefix("gw")) % workers::workers])
+            os.sched_setaffinity(0, mine)
+            torch.set_num_threads(len(mine))
 
 
 @pytest.fixture

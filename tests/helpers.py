@@ -241,3 +241,16 @@ def run_here(args, cwd, monkeypatch, capfd, program="lorambo-run"):
     """run_main's result in run_cli's form (returncode, stdout, stderr): a command's test in this process."""
     code, out, err = run_main(args, cwd, monkeypatch, capfd, program)
     return subprocess.CompletedProcess([program, *args], code, out, err)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench_script(name):
+    """bench/NAME.py loaded as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

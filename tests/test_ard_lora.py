@@ -36,6 +36,7 @@ def test_soft_mask_keeps_exactly_the_rounded_rank():
     assert kept.tolist() == torch.round(4.0 * alpha).long().tolist()
 
 
+@pytest.mark.slow
 def test_total_variation_makes_neighbouring_ranks_closer():
     """Scales pulled to alternating targets along depth: with the TV term the ranks of neighbours differ less."""
     targets = torch.tensor([0.5, 2.0] * 4)
@@ -67,6 +68,7 @@ def test_true_count_of_per_head_ranks():
 
 
 @pytest.mark.parametrize("family", ["tiny_bert", "tiny_t5", "tiny_gpt2", "tiny_resnet"])  # roberta: same family as bert
+@pytest.mark.slow
 def test_ard_lora_counts_true_parameters_meets_the_budget_and_reloads(family, tmp_path):
     from peft import PeftModel
 
@@ -105,6 +107,7 @@ def test_ard_lora_counts_true_parameters_meets_the_budget_and_reloads(family, tm
         assert value == pytest.approx(metrics[key], rel=1e-4), key
 
 
+@pytest.mark.slow
 def test_a_layer_narrower_than_the_build_rank_does_not_crash(tmp_path):
     """Regression: with ceil(alpha_max r0) above a layer's maximum rank the adapter was built at the clipped
     rank but the masks used the unclipped one: a shape error. tiny_bert's narrowest layers have rank 32; r0 = 8,

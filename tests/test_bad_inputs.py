@@ -56,6 +56,7 @@ VALUES = {
 
 
 @pytest.mark.parametrize("case", sorted(VALUES))
+@pytest.mark.slow
 def test_a_bad_value_or_key_is_one_line_and_no_result(case, tmp_path, monkeypatch, capfd):
     args, message = VALUES[case]
     keys = {a.lstrip("+").split("=")[0] for a in args}
@@ -66,6 +67,7 @@ def test_a_bad_value_or_key_is_one_line_and_no_result(case, tmp_path, monkeypatc
     assert (tmp_path / "run" / "error.txt").read_text().strip() in err
 
 
+@pytest.mark.slow
 def test_a_bad_value_through_the_real_script(tmp_path):
     result = run_cli([*SMOKE, "train.lr=-1"], tmp_path, timeout=120)
     assert_one_error_line(result.returncode, result.stderr, "train.lr=-1: input should be greater than 0")
@@ -121,6 +123,7 @@ def test_a_validation_label_name_unknown_to_training_is_named(tmp_path, monkeypa
     assert_one_error_line(code, err, "has label 'meh', not among the training labels (neg, pos)")
 
 
+@pytest.mark.slow
 def test_string_labels_train_and_reload_with_their_names(tmp_path):
     """An NLI-style file with named classes: mapped to ids in task.label_names' order, recorded in the run folder
     and in the adapter's config.json, and the saved adapter reproduces the run's accuracy."""
@@ -159,6 +162,7 @@ def checkpointed(tmp_path):
 
 @pytest.mark.parametrize("target,message", [("checkpoint.pt", "is damaged and cannot be read"),
                                             ("checkpoint_config.json", "is missing or damaged")])
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_one_line(target, message, checkpointed, monkeypatch, capfd):
     data = (checkpointed / target).read_bytes()
     (checkpointed / target).write_bytes(data[: len(data) // 2])
@@ -167,6 +171,7 @@ def test_a_damaged_checkpoint_is_one_line(target, message, checkpointed, monkeyp
     assert not (checkpointed / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_other_overrides_is_refused(checkpointed, monkeypatch, capfd):
     code, _, err = lorambo_run([f"resume={checkpointed}", "train.lr=1"], checkpointed.parent, monkeypatch, capfd)
     assert_one_error_line(code, err, "resume= continues a run with its own config, so train.lr=1 would be ignored")
@@ -183,6 +188,7 @@ def test_a_second_writer_into_a_busy_run_folder_is_refused(tmp_path, monkeypatch
         [".lock"], [".lock", "cli.log"])  # nothing of the other run touched, no error.txt written into it
 
 
+@pytest.mark.slow
 def test_a_rerun_into_a_folder_clears_the_previous_outcome(tmp_path, monkeypatch, capfd):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -196,6 +202,7 @@ def test_a_rerun_into_a_folder_clears_the_previous_outcome(tmp_path, monkeypatch
     assert logged == sorted(logged)  # one run's log, not two interleaved
 
 
+@pytest.mark.slow
 def test_the_report_lists_a_damaged_metrics_file_and_reports_the_rest(tmp_path, capsys):
     from lorambo.report import main as report_main
     from tests.helpers import run_in_process
@@ -214,6 +221,7 @@ def test_a_fresh_clone_has_the_runs_folder():
     assert os.path.isfile(os.path.join(root, "runs", "README.md"))
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_only_tensors_and_plain_data(checkpointed):
     """The planted-pickle case is tests/test_resume.py's; here: what lorambo writes loads with weights_only."""
     state = torch.load(checkpointed / "checkpoint.pt", weights_only=True)

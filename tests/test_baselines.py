@@ -132,6 +132,7 @@ def test_explained_variance_is_the_pca_of_the_layer_inputs_in_float64():
     torch.testing.assert_close(components @ components.T, torch.eye(4, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_gradient_saliency_is_mean_abs_weight_times_mean_gradient(tiny_bert_statistics):
     cfg, model, layers, batches, stats = tiny_bert_statistics
     weights = [model.get_submodule(l.name).weight for l in layers]
@@ -176,6 +177,7 @@ def allocate_cli(args, tmp_path, monkeypatch, capfd):
 
 @pytest.mark.parametrize("allocator,scaling", [("hessian_offline", "matched"), ("eva", "matched"),
                                                ("gora", "per_layer")])
+@pytest.mark.slow
 def test_allocate_writes_a_peft_config_that_gives_every_layer_its_rank_and_scale(allocator, scaling, tmp_path,
                                                                                 monkeypatch, capfd):
     import json
@@ -215,6 +217,7 @@ def test_allocate_writes_a_peft_config_that_gives_every_layer_its_rank_and_scale
         assert effective_scalings(peft_model) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_allocate_refuses_a_method_whose_ranks_change_while_it_trains(tmp_path, monkeypatch, capfd):
     code, _, err = allocate_cli(["experiment=smoke", "allocator=hessian_online", f"hydra.run.dir={tmp_path / 'a'}"],
                                 tmp_path, monkeypatch, capfd)

@@ -1,7 +1,6 @@
 """The benchmark harness (bench/harness.py): its FLOP count against torch's own counter, and that it runs and
 reports every goal row. No timing is asserted here; `make bench` measures."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,17 +9,16 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, bench_script
+
 
 
 @pytest.fixture(scope="module")
 def harness():
-    spec = importlib.util.spec_from_file_location("harness", os.path.join(ROOT, "bench", "harness.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("harness")
 
 
+@pytest.mark.slow
 def test_lora_step_flop_count_matches_torch_flop_counter(harness):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -43,6 +41,7 @@ def test_lora_step_flop_count_matches_torch_flop_counter(harness):
     assert ours == pytest.approx(counted, rel=0.03)
 
 
+@pytest.mark.slow
 def test_harness_prints_every_goal_row_and_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--only",
@@ -61,6 +60,7 @@ def test_harness_prints_every_goal_row_and_json(tmp_path):
                                           "data_weighted")}
 
 
+@pytest.mark.slow
 def test_unknown_part_is_a_one_line_error():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--only", "nope"],
                           capture_output=True, text=True, timeout=120)
@@ -100,3 +100,14 @@ def test_paired_ratio_is_the_median_of_per_round_ratios(harness):
     a = [[2.0, 2.2], [4.0, 4.0], [3.0, 3.0]]  # the machine slowed in round 2 for both
     b = [[1.0, 1.1], [2.0, 2.0], [1.0, 1.0]]
     assert harness.paired_ratio(a, b)["median"] == pytest.approx(2.0)
+
+
+def test_the_spread_allocation_has_uniforms_parameters_exactly(harness):
+    from lorambo.budget import LayerSpec
+
+    layers = [LayerSpec(f"attn{i}", 64, 64) for i in range(12)] + [LayerSpec(f"ffn{i}", 256, 64) for i in range(12)]
+    uniform = {l.name: 4 for l in layers}
+    spread = harness.spread_at_equal_parameters(uniform, layers)
+    cost = {l.name: l.cost for l in layers}
+    assert sum(r * cost[n] for n, r in spread.items()) == sum(r * cost[n] for n, r in uniform.items())
+    assert 1 <= min(spread.values()) < 4 < max(spread.values()) <= 14 and set(spread) == set(uniform)

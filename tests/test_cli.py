@@ -16,6 +16,7 @@ def completed_runs(cwd):
     return glob.glob(os.path.join(cwd, "runs", "**", "metrics.json"), recursive=True)
 
 
+@pytest.mark.slow
 def test_smoke_run_is_complete_and_quick(tmp_path):
     start = time.perf_counter()
     result = run_cli(SMOKE, cwd=tmp_path)
@@ -29,6 +30,7 @@ def test_smoke_run_is_complete_and_quick(tmp_path):
     assert os.path.exists(os.path.join(os.path.dirname(path), "adapter", "adapter_config.json"))
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_into_the_run_folder(tmp_path, monkeypatch, capfd):
     code, _, err = run_main([*SMOKE, "logger=wandb_offline"], tmp_path, monkeypatch, capfd)
     assert code == 0, err
@@ -37,6 +39,7 @@ def test_wandb_offline_logs_into_the_run_folder(tmp_path, monkeypatch, capfd):
     assert offline, "no offline wandb run written"
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_cell(tmp_path, monkeypatch, capfd):
     code, _, err = run_main(["-m", *SMOKE, "budget=r1,r4"], tmp_path, monkeypatch, capfd)
     assert code == 0, err
@@ -65,6 +68,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.slow
 def test_bad_input_is_one_line_no_traceback_no_result(case, tmp_path, monkeypatch, capfd):
     args, message = BAD_INPUTS[case]
     code, _, err = run_main(args, tmp_path, monkeypatch, capfd)  # the real script: tests/test_bad_inputs.py
@@ -75,6 +79,7 @@ def test_bad_input_is_one_line_no_traceback_no_result(case, tmp_path, monkeypatc
     assert completed_runs(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_skip_finished_continues_a_sweep_without_rerunning_its_finished_runs(tmp_path, monkeypatch, capfd):
     """A sweep restarted into its folder with skip_finished=true runs only what did not finish, and a run of
     another config in the same folder is not mistaken for a finished one."""

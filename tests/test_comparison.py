@@ -78,6 +78,7 @@ def test_without_seed_noise_the_interval_is_the_point_and_it_widens_with_noise()
     assert r["ratio_low"] < r["ratio"] < r["ratio_high"]
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_covers_the_true_ratio_of_gaussian_seeds():
     """The percentile bootstrap over 5 seeds per budget covers the true savings ratio (0.5) in most of 60 synthetic
     experiments: a Monte Carlo check of the interval against the known answer (a 95% percentile interval with 5

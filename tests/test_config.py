@@ -63,6 +63,7 @@ def test_every_model_task_pair_composes_or_is_refused(model, task):
             check_model_fits_task(cfg.model, cfg.task)
 
 
+@pytest.mark.slow
 def test_every_text_and_vision_family_has_tasks():
     families = {compose_cfg([f"model={m}"]).model.family for m in MODELS}
     types = {compose_cfg([f"task={t}"]).task.type for t in TASKS}
@@ -88,6 +89,7 @@ def test_mnli_reports_matched_and_mismatched():
     ["model=resnet50", "task=imagenet1k", "budget=6M"],
     ["model=bert", "task=cola", "budget=r8", "logger=wandb"],
 ])
+@pytest.mark.slow
 def test_cli_prints_the_job_config_offline(args, tmp_path, monkeypatch, capfd):
     code, out, err = run_main([*args, "--cfg", "job"], tmp_path, monkeypatch, capfd)
     assert code == 0, err

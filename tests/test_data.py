@@ -1,6 +1,7 @@
 """Task data: a causal LM split cut to `max_*_samples` tokenises only the documents it needs, and is exactly the
 first blocks of the whole split tokenised."""
 
+import pytest
 import torch
 
 from lorambo import data as data_module
@@ -11,6 +12,7 @@ from tests.helpers import compose_cfg
 LM = ["model=tiny_gpt2", "task=wiki_summaries", "task.max_length=32"]
 
 
+@pytest.mark.slow
 def test_a_limited_lm_split_is_the_first_blocks_of_the_whole_split(monkeypatch):
     monkeypatch.setattr(data_module, "MAP_BATCH", 50)  # small batches: the prefix grows several times
     cfg = compose_cfg([*LM, "task.max_train_samples=300", "task.max_eval_samples=1000000"])

@@ -85,12 +85,14 @@ def train_losses(run_dir) -> list[float]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_every_method_and_allocator_keeps_to_the_models_device(case, device_run, tmp_path):
     metrics = device_run(CASES[case], tmp_path / case)
     assert os.path.exists(tmp_path / case / "metrics.json")
     assert metrics["steps"] == 4
 
 
+@pytest.mark.slow
 def test_the_simulated_device_computes_what_the_cpu_computes(device_run, tmp_path):
     """The check is only worth its name if the run it lets through is the real run: same losses, same metric."""
     overrides = ["allocator=hessian_offline", "allocator.variant=knapsack"]
@@ -102,6 +104,7 @@ def test_the_simulated_device_computes_what_the_cpu_computes(device_run, tmp_pat
 
 
 @pytest.mark.parametrize("case", ["adalora", "ard_lora", "hessian_online", "galore"])
+@pytest.mark.slow
 def test_restored_state_goes_back_to_its_owners_device(case, device_run, tmp_path):
     """Resume reads a checkpoint on the host (map_location=cpu); every tensor must go back to the device of
     what owns it (AdaLoRA's importance scores mixed with device tensors once pruning had begun)."""
@@ -135,6 +138,7 @@ def test_the_simulation_refuses_what_cuda_refuses():
 
 
 @pytest.mark.parametrize("allocator", ["frobenius_greedy", "data_weighted", "hessian_offline"])
+@pytest.mark.slow
 def test_lorambo_allocate_keeps_to_the_models_device(allocator, monkeypatch, tmp_path):
     """lorambo-allocate measures on the accelerator's device too (its spectra were read with .numpy() there)."""
     from accelerate.state import PartialState

@@ -2,7 +2,6 @@
 config, and together they cover every preset's rows, every method, every allocator, QLoRA, bf16 and fp16, and
 two processes."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,16 +11,13 @@ import pytest
 from lorambo.cli import group_options
 from lorambo.config import compose_config, preset_cells
 from lorambo.schema import validate
+from tests.helpers import ROOT, bench_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "bench", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("gpu_check")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +25,7 @@ def cases(gpu_check):
     return gpu_check.cases()
 
 
+@pytest.mark.slow
 def test_every_case_composes_into_a_valid_config(cases):
     assert len({c.name for c in cases}) == len(cases)
     for case in cases:
@@ -37,6 +34,7 @@ def test_every_case_composes_into_a_valid_config(cases):
         assert cfg.train.max_steps == 4 and cfg.logger.name == "none", case.name
 
 
+@pytest.mark.slow
 def test_the_cases_cover_every_preset_row_method_allocator_and_precision(cases):
     from lorambo.allocators import ALLOCATORS, import_allocators
     from lorambo.methods import METHODS, import_builtin
@@ -57,6 +55,7 @@ def test_the_cases_cover_every_preset_row_method_allocator_and_precision(cases):
     assert any(c.processes == 2 and c.command("out")[:2] == ["accelerate", "launch"] for c in cases)
 
 
+@pytest.mark.slow
 def test_the_script_lists_its_cases_and_refuses_to_run_without_a_gpu(gpu_check, cases, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["gpu_check.py", "--list", "--only", "qlora"])
     gpu_check.main()

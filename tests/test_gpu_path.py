@@ -21,6 +21,7 @@ def fake_gpu(monkeypatch, bf16_units: bool):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.slow
 def test_a_full_fine_tuning_row_trains_float32_weights_at_its_own_rate(preset, monkeypatch):
     """Regression: adalora_glue's global `train.lr: ${task.adalora_recipe.lr}` made its full-FT row train at
     the adapter rates, and base_dtype auto made that base bf16 under AdamW."""
@@ -67,6 +68,7 @@ def test_full_fine_tuning_refuses_a_quantised_base():
         models.build_model(cfg.model, cfg.task, models.build_tokenizer(cfg.model), trains_base=True)
 
 
+@pytest.mark.slow
 def test_metrics_say_which_precision_and_base_dtype_ran(tmp_path):
     from tests.helpers import run_in_process
 
@@ -115,6 +117,7 @@ def test_cmyk_and_greyscale_jpegs_become_three_channels(image_folder):
         assert shapes == {(3, 16, 16)}
 
 
+@pytest.mark.slow
 def test_any_number_of_loader_workers_gives_the_same_run(image_folder, tmp_path):
     """Decoding in workers (train.num_workers) changes nothing but the speed: the same losses and metric for
     the same seed with augmentation on (each image's crop and flip seeded by seed, epoch and index)."""
@@ -148,6 +151,7 @@ def test_loaders_pin_memory_and_use_workers_only_on_a_gpu(monkeypatch):
     assert train.num_workers == 7 and train.pin_memory and evals["validation"].num_workers == 7
 
 
+@pytest.mark.slow
 def test_wikitext_lines_are_concatenated_as_run_clm_does(tmp_path):
     """Regression: an end token after every WikiText line, empty lines included (a third of them), added easy
     tokens and made perplexity incomparable with published GPT-2 numbers."""
@@ -208,6 +212,7 @@ def test_every_instruct_prompt_starts_as_the_models_tokenizer_starts_it():
     assert prompt_ids(bert, "two plus three") == bert("two plus three", add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 def test_validation_losses_never_hold_the_whole_batchs_logits(monkeypatch):
     """Regression: instruct's validation loss (and the forgetting and perplexity losses) took batch x length x
     vocabulary logits in float32 at once (~31 GB for Llama 3.2 at batch 32 x 768). Now a few rows at a time,
@@ -279,6 +284,7 @@ def test_a_hub_model_that_needs_a_login_or_its_own_code_says_so_in_one_line(fail
     assert not list(tmp_path.rglob("metrics.json"))
 
 
+@pytest.mark.slow
 def test_legacy_hub_ids_load_as_the_current_ones_and_custom_code_is_opt_in(monkeypatch):
     import transformers
 
@@ -296,6 +302,7 @@ def test_legacy_hub_ids_load_as_the_current_ones_and_custom_code_is_opt_in(monke
         assert "/" in compose_config([f"model={name}"]).model.pretrained
 
 
+@pytest.mark.slow
 def test_metrics_record_the_source_commit_and_what_the_hub_served(tmp_path, monkeypatch):
     import subprocess
 
@@ -343,6 +350,7 @@ def test_the_peft_protocol_preset_matches_peft_where_it_can():
     assert not train.gradient_checkpointing and cfg.seed == 0
 
 
+@pytest.mark.slow
 def test_prompt_tokens_carry_loss_and_long_pairs_are_dropped_when_the_task_says_so():
     from lorambo.instruct import IGNORE, encode_example, load_instruct_task
 

@@ -164,6 +164,7 @@ def test_gram_route_matches_the_svd(shape):
     assert torch.allclose(Vh.norm(dim=1), torch.ones(len(Vh), dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_online_run_grows_within_budget_and_logs_history(tmp_path):
     metrics = run_in_process(["experiment=smoke", "allocator=hessian_online", "method.grow_every=4",
                               "method.growth_events=3"], tmp_path / "online")
@@ -179,6 +180,7 @@ def test_online_run_grows_within_budget_and_logs_history(tmp_path):
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_growth_worker.py")
 
 
+@pytest.mark.slow
 def test_two_processes_take_identical_growth_decisions(tmp_path):
     """torchrun, two CPU processes on gloo, each measuring on different data: same ranks, same new tensors."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -252,6 +254,7 @@ def test_growth_events_spread_over_the_first_half_of_a_short_run():
     assert event_steps(16, 4, 50) == [50, 100, 150, 200]
 
 
+@pytest.mark.slow
 def test_smoke_run_of_hessian_online_spends_its_budget(tmp_path):
     """Regression: `experiment=smoke allocator=hessian_online` ended at rank 1 everywhere (896 of 7,168 spent)
     and said nothing."""
@@ -278,6 +281,7 @@ def max_layer_cost(run_dir):
     return max(costs.values())
 
 
+@pytest.mark.slow
 def test_a_run_that_ends_before_its_growth_events_warns_and_says_so(tmp_path):
     metrics = run_in_process(["experiment=smoke", "allocator=hessian_online", "method.grow_every=100"],
                              tmp_path / "run")

@@ -148,6 +148,7 @@ def test_local_instruct_reads_your_jsonl_with_your_field_names(tmp_path, monkeyp
     assert code != 0 and "line 1: not a JSON record with 'q' and 'a'" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_an_arithmetic_run_reports_generation_loss_and_forgetting_that_the_saved_adapter_reproduces(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -203,6 +204,7 @@ def sweep_runs(folder):
             if json.load(open(p))["eval_splits"] != ["dev"]]
 
 
+@pytest.mark.slow
 def test_llm_method_comparison_runs_every_row_at_two_steps_on_a_tiny_llama(tmp_path, monkeypatch, capfd):
     """The GPU preset as shipped, with the model and data swapped for a tiny Llama and local files."""
     from tests.helpers import run_here
@@ -222,6 +224,7 @@ def test_llm_method_comparison_runs_every_row_at_two_steps_on_a_tiny_llama(tmp_p
                for r in runs)
 
 
+@pytest.mark.slow
 def test_llm_track_cpu_runs_tuned_rows_with_forgetting_and_a_report(tmp_path, monkeypatch, capfd):
     from tests.helpers import run_here
 
@@ -254,6 +257,7 @@ def test_sts_b_reports_pearson_spearman_and_their_mean():
     assert out["pearson_spearman"] == pytest.approx((pearson + spearman) / 2)
 
 
+@pytest.mark.slow
 def test_adalora_glue_runs_every_row_at_two_steps_and_reports_the_papers_numbers(tmp_path, monkeypatch, capfd):
     """The GPU preset on a tiny DeBERTa-v3 and a local STS-B copy: AdaLoRA's recipe, its rows, its metrics, and
     AdaLoRA Table 1's numbers beside ours in the report."""

@@ -44,6 +44,7 @@ class FreezeA(Lora):
 '''
 
 
+@pytest.mark.slow
 def test_a_method_from_outside_lorambo_runs_end_to_end(tmp_path):
     """The plug-in shape: one module and one yaml outside lorambo/, found by `module:` and hydra.searchpath."""
     (tmp_path / "plugins").mkdir()
@@ -69,6 +70,7 @@ def test_a_method_from_outside_lorambo_runs_end_to_end(tmp_path):
     assert (tmp_path / "toy" / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_plugin_method_module_that_does_not_import_is_one_line(tmp_path):
     (tmp_path / "conf" / "method").mkdir(parents=True)
     (tmp_path / "conf" / "method" / "ghost.yaml").write_text("name: ghost\nmodule: no_such_module_here\n")
@@ -82,12 +84,14 @@ def test_a_plugin_method_module_that_does_not_import_is_one_line(tmp_path):
     ("+method.bogus=1", "method lora has no option 'bogus'; its options are: (none)"),
     ("+allocator.grow_every=25", "allocator uniform has no option 'grow_every'; its options are: (none)"),
 ])
+@pytest.mark.slow
 def test_an_unknown_allocator_or_method_option_is_one_line(override, message, tmp_path):
     """Regression: unknown keys were passed on and ignored (a typo ran the default silently)."""
     with pytest.raises(LoramboError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_in_process(["experiment=smoke", override], tmp_path)
 
 
+@pytest.mark.slow
 def test_an_allocator_option_of_another_allocator_names_the_known_ones(tmp_path):
     with pytest.raises(LoramboError, match="allocator hessian_offline has no option 'start_rank'; its options "
                                            "are: sensitivity, variant"):
@@ -95,6 +99,7 @@ def test_an_allocator_option_of_another_allocator_names_the_known_ones(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["adalora", "full_ft"])
+@pytest.mark.slow
 def test_a_method_named_as_an_allocator_says_where_it_went(name, tmp_path):
     result = run_cli(["experiment=smoke", f"allocator={name}"], tmp_path, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -109,6 +114,7 @@ def test_hessian_online_selects_growth_and_a_command_line_method_wins():
     assert compose_config([]).method.name == "lora"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_plugin_shape_is_refused_in_one_line(tmp_path):
     from lorambo.checkpoint import resume_config
     from lorambo.train import run

@@ -71,6 +71,7 @@ def test_the_family_follows_the_task():
     assert cfg.model.head_modules == ["pooler", "classifier"]
 
 
+@pytest.mark.slow
 def test_models_that_cannot_be_adapted_get_one_line(tmp_path, monkeypatch, capfd):
     code, _, err = run_main(["model=tiny_resnet", "task=fashion_mnist", "model.target_modules=auto", "logger=none",
                              "train.max_steps=1"], tmp_path, monkeypatch, capfd)
@@ -119,6 +120,7 @@ NEW_MODELS = ["hf", "llama", "qwen2", "mistral", "deberta_v3", "tiny_llama", "ti
               "tiny_deberta_v3"]
 
 
+@pytest.mark.slow
 def test_every_new_model_composes_with_each_task_of_its_family(tmp_path, monkeypatch, capfd):
     """Each model with each task of its family (assembled from the two composed once each, as test_config.py's
     pairs are), and the command line's own composition of each model."""
@@ -144,6 +146,7 @@ def test_every_new_model_composes_with_each_task_of_its_family(tmp_path, monkeyp
         assert code == 0 and f"name: {model}" in out, err
 
 
+@pytest.mark.slow
 def test_a_bfloat16_base_trains_a_float32_adapter_and_head(tmp_path):
     from safetensors.torch import load_file
 
@@ -156,6 +159,7 @@ def test_a_bfloat16_base_trains_a_float32_adapter_and_head(tmp_path):
     assert metrics["adapter_bytes"] == 4 * metrics["adapter_params"] and 0 <= metrics["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing(tmp_path, monkeypatch):
     from transformers.models.llama import modeling_llama
 
@@ -175,6 +179,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing(tmp_pa
     assert losses[True] == pytest.approx(losses[False], rel=1e-6) and len(losses[True]) == 2
 
 
+@pytest.mark.slow
 def test_a_four_bit_base_is_refused_without_cuda_and_so_are_weight_gradients(tmp_path, monkeypatch, capfd):
     from lorambo.allocation import check_statistics_fit_the_base, needed_statistics
     from lorambo.methods import build_method

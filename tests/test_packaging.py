@@ -54,6 +54,7 @@ def run(env, module_call: str, args, timeout=600):
                           timeout=timeout, env=environment)
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_every_config(wheel_env):
     names = set(zipfile.ZipFile(wheel_env["wheel"]).namelist())
     shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "lorambo" / "conf").rglob("*.yaml")}
@@ -61,6 +62,7 @@ def test_the_wheel_ships_every_config(wheel_env):
     assert "hydra_plugins/lorambo_tuned_sweeper/tuned_sweeper.py" in names
 
 
+@pytest.mark.slow
 def test_a_wheel_install_runs_smoke_and_a_tuned_sweep_outside_the_tree(wheel_env):
     where = subprocess.run([wheel_env["python"], "-c", "import lorambo; print(lorambo.__file__)"],
                            cwd=wheel_env["work"], capture_output=True, text=True, check=True).stdout

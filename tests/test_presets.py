@@ -21,6 +21,7 @@ def test_the_issue_presets_exist():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.slow
 def test_every_cell_of_every_preset_composes(preset):
     cells = preset_cells(preset)
     assert cells
@@ -30,6 +31,7 @@ def test_every_cell_of_every_preset_composes(preset):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.slow
 def test_online_growth_spends_its_budget_within_the_preset_steps(preset):
     """A preset cut to few steps must let hessian_online hold all its growth events (else it ends under budget)."""
     for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in preset_cells(preset)}:
@@ -43,6 +45,7 @@ def axis(cells, key):
     return sorted({o.split("=", 1)[1] for c in cells for o in c if o.startswith(key + "=")})
 
 
+@pytest.mark.slow
 def test_table1_is_paper_000_table1():
     cells = preset_cells("table1")
     assert axis(cells, "model") == ["bert", "roberta", "t5"] and axis(cells, "task") == ["mnli", "qnli", "sst2"]
@@ -58,6 +61,7 @@ def test_table1_is_paper_000_table1():
                     "table_row=hessian_paper": ("lora", ("hessian_offline", 4, 1.12))}
 
 
+@pytest.mark.slow
 def test_table1_cpu_keeps_the_papers_rows_at_half_their_rank_with_a_budget_axis():
     cells = preset_cells("table1_cpu")
     assert axis(cells, "task") == ["rt_snippets", "wiki_pairs"] and axis(cells, "seed") == ["0", "1", "2", "3", "4"]
@@ -84,6 +88,7 @@ def test_table1_cpu_keeps_the_papers_rows_at_half_their_rank_with_a_budget_axis(
                            "gora"], ("epochs", 1), ["6M", "12M"]),
     ("table2_lm_cpu", ["uniform", "frobenius_greedy", "hessian_offline", "hessian_online", "data_weighted"],
      ("max_steps", 80), ["12M", "24M"])])
+@pytest.mark.slow
 def test_table2_cpu_keeps_the_papers_rows_and_budget_ratio_at_ranks_that_bind(preset, allocators, length, columns):
     """Uniform r2 and r4's exact parameters on the model as built (the paper's 1:2 budgets), the paper's allocators
     (vision: plus GoRA), table1_cpu's search, 5 seeds, the chosen curvature statistic (not the paper's Tr(H))."""
@@ -118,6 +123,7 @@ def sweeper_of(preset):
     ("allocators_cpu", ["adalora", "data_weighted", "eva", "gora"], ["wiki_pairs"], 5),
     ("adarankgrad_cpu", ["adarankgrad_r2", "adarankgrad_r4", "galore_r2", "galore_r4", "lora_r4"],
      ["wiki_pairs"], 3)])  # full-FT optimizer rows: 3 seeds fit about 2 hours (the preset's comment)
+@pytest.mark.slow
 def test_presets_read_beside_table1_cpu_share_its_protocol(preset, rows, tasks, seeds):
     """Their rows are read beside table1_cpu's (uniform r2 and r8, Hessian, full FT): all but the row must match."""
     cells = preset_cells(preset)
@@ -133,6 +139,7 @@ def test_presets_read_beside_table1_cpu_share_its_protocol(preset, rows, tasks, 
             assert ours[key] == theirs[key], key
 
 
+@pytest.mark.slow
 def test_allocators_cpu_rows_share_the_budget_of_table1_cpus_row_between_r1_and_r2():
     """Read against table1_cpu's Hessian row at 1.5 x r1 and uniform's r1-r2 curve: the same budget, whatever row."""
     theirs = compose_config(["experiment=table1_cpu", "table_row=hessian_r1x1.5", "task=wiki_pairs"])
@@ -141,6 +148,7 @@ def test_allocators_cpu_rows_share_the_budget_of_table1_cpus_row_between_r1_and_
         assert compose_config(list(cell)).budget == theirs.budget, cell
 
 
+@pytest.mark.slow
 def test_adarankgrad_rows_set_optimizer_and_rank():
     rows = set()
     for cell in preset_cells("adarankgrad_glue", ["seed=0", "task=rte"]):
@@ -162,6 +170,7 @@ def test_command_line_narrows_a_preset_axis():
                                                                 "hydra.sweeper.lr_factors=[1.0]"], 7),
                                                  ("adarankgrad_cpu", ["seed=0",
                                                                       "hydra.sweeper.lr_factors=[1.0]"], 5)])
+@pytest.mark.slow
 def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path, monkeypatch, capfd):
     """The CPU preset as shipped (real MiniLM, real data), cut to 2 steps and 32 examples so it fits a test."""
     result = run_here([f"experiment={preset}", *narrow, "train.max_steps=2", "task.max_train_samples=64",

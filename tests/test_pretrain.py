@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from lorambo.config import compose_config
@@ -20,6 +21,7 @@ SMALL = ["model=small_gpt2_wiki", "task=wiki_adapt", "++model.hf_config.n_layer=
          "'task.max_eval_samples=16','seed=0']"]
 
 
+@pytest.mark.slow
 def test_pretraining_and_adaptation_halves_are_disjoint():
     texts = {}
     for task in ("wiki_pretrain", "wiki_adapt", "wiki_summaries"):
@@ -40,6 +42,7 @@ def test_fashion_mnist_class_split_relabels():
     assert np.array_equal(data.train.images[labels == 0], full.train.images[old == 5])
 
 
+@pytest.mark.slow
 def test_base_is_pretrained_once_cached_and_loaded(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LORAMBO_CACHE", str(tmp_path / "cache"))
     args = [*SMALL, "logger=none", "train.max_steps=2", "task.max_train_samples=64", "task.max_eval_samples=16"]

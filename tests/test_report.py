@@ -56,6 +56,7 @@ def report_csv(paths, out, capsys):
     return list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
 
 
+@pytest.mark.slow
 def test_cells_mean_std_paper_and_test_against_uniform(tmp_path, template, capsys):
     uniform = [0.790, 0.800, 0.812, 0.803]
     hessian = [0.842, 0.851, 0.860, 0.855]  # clearly better
@@ -131,6 +132,7 @@ def test_plots_for_a_memory_table_draw_optimizer_state_and_only_changing_ranks(t
     assert not [p for p in pngs if p.startswith("ranks_")]  # only uniform LoRA has per-layer ranks: one value
 
 
+@pytest.mark.slow
 def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_path, capsys):
     # a preset runs as a sweep by itself (no -m); train.lr=1e30 makes two of the four jobs fail (NaN loss)
     result = run_cli(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none",
@@ -163,6 +165,7 @@ def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_pat
     assert len(still) == 2 and all("failed: loss became" in line for line in still)
 
 
+@pytest.mark.slow
 def test_no_runs_is_one_line(tmp_path):
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-report"), str(tmp_path)],
                             capture_output=True, text=True)
@@ -250,6 +253,7 @@ def test_the_header_says_whether_uniforms_metric_moves_with_the_budget(tmp_path,
     assert lines["minilm qnli accuracy"].startswith("**Budget sensitivity unknown**")
 
 
+@pytest.mark.slow
 def test_savings_table_and_plot_from_a_sweep_with_a_known_answer(tmp_path, template, capsys):
     """data_weighted reaches at x what uniform reaches at 2x (accuracy linear in log parameters, seeds symmetric
     about it): it needs half of uniform's parameters wherever the sweep can tell."""

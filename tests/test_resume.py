@@ -38,6 +38,7 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.slow
 def test_resumed_run_ends_as_the_uninterrupted_one(method, tmp_path):
     """10 steps over 4-batch epochs, checkpoints at 3, 6, 9 (the last mid-epoch); resuming from step 9
     in a copy of the folder replays step 10 and the evaluation."""
@@ -56,6 +57,7 @@ def test_resumed_run_ends_as_the_uninterrupted_one(method, tmp_path):
     assert not glob.glob(str(whole / "checkpoint*")) or os.path.exists(whole / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_checkpoint_removed_when_the_run_completes(tmp_path):
     run_in_process([*TINY[:-2], "train.log_every=1"], tmp_path)
     assert not glob.glob(str(tmp_path / "checkpoint*"))
@@ -66,6 +68,7 @@ def cli(args, cwd, **kw):
     return subprocess.Popen([exe, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_a_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
     args = ["experiment=smoke", "train.max_steps=120", "train.checkpoint_every=10", "allocator=hessian_online",
             "method.grow_every=30", "seed=3"]
@@ -89,6 +92,7 @@ def test_a_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_killed_between_its_rng_and_its_checkpoint_resumes_from_the_last_whole_checkpoint(tmp_path,
                                                                                                  monkeypatch):
     """Regression: each process's RNG file was replaced before checkpoint.pt, so a run killed between the two
@@ -121,6 +125,7 @@ def test_a_run_killed_between_its_rng_and_its_checkpoint_resumes_from_the_last_w
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_is_one_line(tmp_path):
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-run"), f"resume={tmp_path}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -139,6 +144,7 @@ class Planted:
 
 
 @pytest.mark.parametrize("target", ["checkpoint.pt", "checkpoint_rng_0_step3.pt"])
+@pytest.mark.slow
 def test_a_planted_pickle_is_refused_and_runs_nothing(target, tmp_path):
     """Regression: checkpoint.py loaded both files with weights_only=False, so `resume=DIR` ran the command a
     crafted checkpoint's __reduce__ named. Now only tensors and plain containers load."""

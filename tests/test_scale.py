@@ -36,6 +36,7 @@ def one_and_two(tmp_path_factory):
     return {d: (load(d, "metrics.json"), load(d, "allocation.json")["ranks"], lr(d)) for d in ("one", "two")}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
     (a, allocation_one, _), (b, allocation_two, _) = one_and_two["one"], one_and_two["two"]
     assert allocation_one == allocation_two  # the same sensitivity estimate, the same initial ranks
@@ -67,6 +68,7 @@ def test_slurm_launcher_config_composes():
     assert cfg.hydra.launcher.gpus_per_node == 1
 
 
+@pytest.mark.slow
 def test_sweep_through_submitit_local_executor(tmp_path):
     result = run_cli(["-m", "experiment=smoke", "budget=r1,r4", "hydra/launcher=local", "hydra.sweep.dir=sweep"],
                      cwd=tmp_path, timeout=900)

@@ -10,6 +10,7 @@ from lorambo.adapters import effective_scalings
 from tests.helpers import FAMILIES, QUICK, compose_cfg, evaluate_independently, load_base, run_in_process
 
 
+@pytest.mark.slow
 def test_a_uniform_run_is_identical_under_matched_and_per_layer(tmp_path):
     runs = {}
     for scaling in ("matched", "per_layer"):
@@ -23,6 +24,7 @@ def test_a_uniform_run_is_identical_under_matched_and_per_layer(tmp_path):
 
 
 @pytest.mark.parametrize("allocator", ["hessian_offline", "hessian_online", "ard_lora"])
+@pytest.mark.slow
 def test_saved_adapter_reloads_with_the_matched_scale(allocator, tmp_path):
     """Non-uniform ranks (grown online, cut by ARD-LoRA) at the matched scale: the reloaded adapter has alpha / r_u
     on every layer and reproduces the run's metric."""
@@ -51,6 +53,7 @@ def test_unknown_scaling_is_one_line(tmp_path):
         run_in_process(["experiment=smoke", "lora.scaling=huge"], tmp_path)
 
 
+@pytest.mark.slow
 def test_allocation_json_names_its_statistic_with_error_bars_and_leaves_no_layer_out(tmp_path):
     metrics = run_in_process(["experiment=smoke", "allocator=hessian_offline", "allocator.sensitivity=hessian_trace",
                               "budget=r1", "sensitivity.hessian_batches=2", "sensitivity.hutchinson_probes=2"],

@@ -40,6 +40,7 @@ def exact_block_hessians(model, layers, batch, loss_fn):
     return blocks
 
 
+@pytest.mark.slow
 def test_hutchinson_matches_exact_trace_within_sampling_error():
     model, layers, batches, loss_fn = small_problem()
     exact = exact_block_hessians(model, layers, batches[0], loss_fn)

@@ -81,6 +81,7 @@ def test_every_dropout_of_a_wrapped_model_becomes_packed_with_its_p(tmp_path):
     assert not [m for m in peft_model.modules() if type(m) is nn.Dropout and m.p > 0]
 
 
+@pytest.mark.slow
 def test_a_run_with_torch_masks_keeps_nn_dropout_and_packed_masks_replace_it(tmp_path, monkeypatch):
     import lorambo.train
 
@@ -143,6 +144,7 @@ def test_threads_default_to_cores_over_the_parallel_cells(monkeypatch):
     devices.set_threads(None)
 
 
+@pytest.mark.slow
 def test_bf16_training_keeps_float32_statistics_and_metrics_the_reloaded_adapter_reproduces(tmp_path):
     """Autocast runs the training step's matmuls in bf16 only: the allocator's statistics (taken before) are
     the float32 run's to the bit, the adapter is float32, and metrics.json holds the float32 evaluation that
@@ -169,6 +171,7 @@ def test_bf16_training_keeps_float32_statistics_and_metrics_the_reloaded_adapter
     assert got["perplexity"] == pytest.approx(runs["bf16"]["perplexity"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_compiled_step_recompiles_through_online_growth_and_matches_eager(tmp_path):
     """Growth changes the shapes of the adapter's tensors mid-run: the compiled model must follow them (dynamo
     recompiles on the changed shapes) and train as the eager one does. The `eager` backend traces with dynamo

@@ -3,6 +3,7 @@ CLI whose report says it was tuned and shows the search."""
 
 import json
 
+import pytest
 import torch
 
 from lorambo.data import load_task
@@ -29,6 +30,7 @@ def test_best_point_maximises_accuracy_minimises_perplexity_and_skips_failures()
     assert best_point(scored("accuracy", [None, None])) is None
 
 
+@pytest.mark.slow
 def test_dev_split_is_carved_from_train_the_same_for_every_seed_and_never_from_validation():
     overrides = ["experiment=smoke", "++task.dev_fraction=0.25"]
     cfg = compose_cfg(overrides)
@@ -51,6 +53,7 @@ def test_a_dev_run_reports_the_plain_metric_name():
     assert reported_metrics(compose_cfg([]).task, ["validation"]) == ["accuracy"]
 
 
+@pytest.mark.slow
 def test_a_tuned_sweep_searches_every_row_alike_then_runs_the_choice_over_seeds(tmp_path, monkeypatch, capfd):
     """As a user runs it, side by side (hydra/launcher=parallel: joblib's worker processes, each with cores / 2
     threads, each writing its own complete run folder)."""
