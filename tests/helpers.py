@@ -122,16 +122,6 @@ def built(overrides):
     return cfg, model
 
 
-def layer_costs(cfg) -> dict[str, int]:
-    import torch
-
-    from lorambo.models import adaptable_layers, build_model, build_tokenizer
-
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.task, build_tokenizer(cfg.model))
-    return {layer.name: layer.cost for layer in adaptable_layers(model, cfg.model.target_modules)}
-
-
 def evaluate_independently(cfg, model) -> dict:
     """Metric of `model` on the validation split, computed here without lorambo's evaluation loop."""
     import numpy as np
@@ -172,10 +162,7 @@ def load_base(cfg, run_dir):
         model = build_model(cfg.model, cfg.task, None)
         model.load_state_dict(torch.load(os.path.join(run_dir, "base_model", "model.pt")))
         return model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForCausalLM if cfg.model.family == "causal_lm" else AutoModelForSequenceClassification
-    return auto.from_pretrained(os.path.join(run_dir, "base_model"))
+    return _from_folder(cfg, os.path.join(run_dir, "base_model"))
 
 
 def run_and_check(overrides, run_dir, base_dir=None):
@@ -215,6 +202,7 @@ def run_and_check(overrides, run_dir, base_dir=None):
 
 
 def _from_folder(cfg, folder):
+    """A Hugging Face base saved in `folder`, loaded as its family's auto class."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if cfg.model.family == "causal_lm" else AutoModelForSequenceClassification
