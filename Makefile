@@ -28,14 +28,14 @@ smoke: setup
 
 test: setup
 	# a worker per core (each pinned to its core: tests/conftest.py); --durations: where the time goes, every run
-	$(VENV)/bin/pytest -q -n 2 --durations=25
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup --durations=25
 
 test-fast: setup  # after every edit: everything but the end-to-end runs and real models (marker `slow`)
-	$(VENV)/bin/pytest -q -n 2 -m "not slow" --durations=10
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup -m "not slow" --durations=10
 
 coverage: setup  # line coverage of lorambo/ by the whole suite
 	rm -f .coverage .coverage.*
-	$(VENV)/bin/coverage run -m pytest -q -n 2
+	$(VENV)/bin/coverage run -m pytest -q -n 2 --dist loadgroup
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report --skip-covered | tail -n 30
 

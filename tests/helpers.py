@@ -23,6 +23,17 @@ def compose_cfg(overrides=()):
     return copy.deepcopy(_composed(tuple(overrides)))
 
 
+@functools.lru_cache(maxsize=None)
+def preset_configs(preset: str) -> tuple:
+    """((cell, cfg), ...) for every distinct cell of a preset but its seed, each composed once per process: the
+    preset tests read the same few hundred compositions (marked `xdist_group("presets")` so that one worker
+    composes them). The configs are shared: read them, do not change them."""
+    from lorambo.config import preset_cells
+
+    cells = dict.fromkeys(tuple(o for o in c if not o.startswith("seed=")) for c in preset_cells(preset))
+    return tuple((cell, _composed(cell)) for cell in cells)
+
+
 def run_in_process(overrides, run_dir):
     """A run through the same `run` the CLI calls, without a subprocess (faster)."""
     from lorambo.train import run
@@ -165,10 +176,10 @@ def load_base(cfg, run_dir):
     return _from_folder(cfg, os.path.join(run_dir, "base_model"))
 
 
-def run_and_check(overrides, run_dir, base_dir=None):
+def run_and_check(overrides, run_dir, base_dir=None, round_trip=True):
     """A run; its parameter counts against the saved adapter and the layers found (LoRA, DoRA's magnitudes,
-    AdaLoRA's singular values, ARD-LoRA's PEFT form); the budget; and the PEFT round trip: the saved adapter on
-    the reloaded base reproduces the reported metric."""
+    AdaLoRA's singular values, ARD-LoRA's PEFT form); the budget; and (`round_trip`) the PEFT round trip: the
+    saved adapter on the reloaded base reproduces the reported metric."""
     import pytest
     from peft import PeftModel
 
@@ -194,6 +205,8 @@ def run_and_check(overrides, run_dir, base_dir=None):
         assert metrics["adapter_params"] <= metrics["p_max"]
     assert metrics["head_params"] == sum(p.numel() for h in cfg.model.head_modules
                                          for p in base.get_submodule(h).parameters())
+    if not round_trip:
+        return metrics
     base = load_base(cfg, run_dir) if base_dir is None else _from_folder(cfg, base_dir)
     reloaded = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     for key, value in evaluate_independently(cfg, reloaded).items():

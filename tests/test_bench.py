@@ -2,14 +2,12 @@
 reports every goal row. No timing is asserted here; `make bench` measures."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, bench_script
+from tests.helpers import bench_script
 
 
 
@@ -41,16 +39,27 @@ def test_lora_step_flop_count_matches_torch_flop_counter(harness):
     assert ours == pytest.approx(counted, rel=0.03)
 
 
+def harness_main(harness, args, monkeypatch, capsys):
+    """(exit code, stdout, stderr) of `bench/harness.py ARGS`, through its main() in this process."""
+    monkeypatch.setattr(sys, "argv", ["harness.py", *args])
+    code = 0
+    try:
+        harness.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.slow
-def test_harness_prints_every_goal_row_and_json(tmp_path):
+def test_harness_prints_every_goal_row_and_json(harness, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--only",
-                           "allocation,grown_vs_direct", "--repeats", "2", "--steps", "2", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, stdout, stderr = harness_main(harness, ["--only", "allocation,grown_vs_direct", "--repeats", "2", "--steps",
+                                                  "2", "--batch-size", "4", "--json", str(out)], monkeypatch, capsys)
+    assert code == 0, stderr[-2000:]
     result = json.loads(out.read_text())
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == result
-    table = proc.stdout
+    assert json.loads(stdout.strip().splitlines()[-1]) == result
+    table = stdout
     assert "step: grown online / built at final ranks" in table
     assert "allocation s, 100 layers" in table and "allocation s, 1000 layers" in table
     ratio = result["grown_vs_direct"]["ratio"]
@@ -60,11 +69,9 @@ def test_harness_prints_every_goal_row_and_json(tmp_path):
                                           "data_weighted")}
 
 
-@pytest.mark.slow
-def test_unknown_part_is_a_one_line_error():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--only", "nope"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "unknown part nope" in proc.stderr
+def test_unknown_part_is_a_one_line_error(harness, monkeypatch, capsys):
+    code, _, stderr = harness_main(harness, ["--only", "nope"], monkeypatch, capsys)
+    assert code == 2 and "unknown part nope" in stderr
 
 
 def test_profile_split_finds_the_dropout_masks_and_sums_to_all_of_the_step(harness):

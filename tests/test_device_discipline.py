@@ -47,8 +47,9 @@ CASES = {  # every method, every allocator, every statistic an allocator can rea
     "adarankgrad": ["method=full_ft", "optimizer=adarankgrad", "optimizer.min_gap=1", "optimizer.max_gap=2"],
     "head_warmup": ["allocator=gradient", "sensitivity.head_warmup_steps=2"],
     "causal_lm_fisher": ["model=tiny_gpt2", "task=wiki_summaries", "task.max_length=32", "allocator=hessian_offline"],
-    "instruct": ["model=tiny_gpt2", "task=arithmetic", "task.max_length=64", "task.max_eval_samples=8",
-                 "task.max_test_samples=4", "task.max_new_tokens=4", "allocator=hessian_offline"],
+    "instruct": ["model=tiny_gpt2", "task=arithmetic", "task.max_length=64", "task.max_eval_samples=4",
+                 "task.max_test_samples=2", "task.max_new_tokens=2", "task.forgetting.max_eval_samples=4",
+                 "allocator=hessian_offline"],
     "vision_data_weighted": ["model=tiny_resnet", "task=fashion_mnist", "allocator=data_weighted"],
 }
 

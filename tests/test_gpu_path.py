@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 
 from lorambo import devices, models
 from lorambo.cli import group_options
-from lorambo.config import compose_config, preset_cells
+from lorambo.config import compose_config
+from tests.helpers import preset_configs
 
 PRESETS = [p for p in group_options("experiment") if p != "smoke"]
 
@@ -22,13 +23,12 @@ def fake_gpu(monkeypatch, bf16_units: bool):
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.slow
+@pytest.mark.xdist_group("presets")  # preset_configs: composed once, on one worker
 def test_a_full_fine_tuning_row_trains_float32_weights_at_its_own_rate(preset, monkeypatch):
     """Regression: adalora_glue's global `train.lr: ${task.adalora_recipe.lr}` made its full-FT row train at
     the adapter rates, and base_dtype auto made that base bf16 under AdamW."""
     fake_gpu(monkeypatch, bf16_units=True)
-    cells = {tuple(o for o in c if not o.startswith("seed=")) for c in preset_cells(preset)}
-    full_ft = [(cell, cfg) for cell, cfg in ((c, compose_config(list(c))) for c in cells)
-               if cfg.method.name == "full_ft"]
+    full_ft = [(cell, cfg) for cell, cfg in preset_configs(preset) if cfg.method.name == "full_ft"]
     for cell, cfg in full_ft:
         assert cfg.train.lr == cfg.model.full_ft_lr, cell
         assert models.base_dtype(cfg.model, trains_base=True) == torch.float32

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from lorambo.allocators.hessian_online import event_steps
 from lorambo.cli import group_options
 from lorambo.config import CONF_DIR, compose_config, preset_cells
-from tests.helpers import run_here
+from tests.helpers import STATS_FEW, preset_configs, run_here
 
 PRESETS = [p for p in group_options("experiment") if p != "smoke"]
 
@@ -22,20 +22,20 @@ def test_the_issue_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.slow
+@pytest.mark.xdist_group("presets")
 def test_every_cell_of_every_preset_composes(preset):
-    cells = preset_cells(preset)
-    assert cells
-    for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in cells}:
-        cfg = compose_config(list(cell))
+    configs = preset_configs(preset)
+    assert configs
+    for _, cfg in configs:
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.slow
+@pytest.mark.xdist_group("presets")
 def test_online_growth_spends_its_budget_within_the_preset_steps(preset):
     """A preset cut to few steps must let hessian_online hold all its growth events (else it ends under budget)."""
-    for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in preset_cells(preset)}:
-        cfg = compose_config(list(cell))
+    for cell, cfg in preset_configs(preset):
         if cfg.method.name == "growth" and cfg.train.max_steps:
             events = event_steps(cfg.train.max_steps, cfg.method.growth_events, cfg.method.grow_every)
             assert len(events) == cfg.method.growth_events and max(events) < cfg.train.max_steps, cell
@@ -46,13 +46,13 @@ def axis(cells, key):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("presets")
 def test_table1_is_paper_000_table1():
     cells = preset_cells("table1")
     assert axis(cells, "model") == ["bert", "roberta", "t5"] and axis(cells, "task") == ["mnli", "qnli", "sst2"]
     assert len(cells) == 3 * 3 * 4 * 3
     rows = {}
-    for cell in cells:
-        cfg = compose_config(cell)
+    for cell, cfg in preset_configs("table1"):
         rows[[o for o in cell if o.startswith("table_row=")][0]] = (
             cfg.method.name, None if cfg.method.name == "full_ft" else
             (cfg.allocator.name, cfg.budget.rank, cfg.budget.get("scale", 1.0)))
@@ -62,14 +62,14 @@ def test_table1_is_paper_000_table1():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("presets")
 def test_table1_cpu_keeps_the_papers_rows_at_half_their_rank_with_a_budget_axis():
     cells = preset_cells("table1_cpu")
     assert axis(cells, "task") == ["rt_snippets", "wiki_pairs"] and axis(cells, "seed") == ["0", "1", "2", "3", "4"]
     sweeper = OmegaConf.load(os.path.join(CONF_DIR, "experiment", "table1_cpu.yaml")).hydra.sweeper
     assert sweeper.scalings == ["matched"] and 1.0 in sweeper.lr_factors  # the same search, one scale, every row
     rows = {}
-    for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in cells}:
-        cfg = compose_config(list(cell))
+    for cell, cfg in preset_configs("table1_cpu"):
         assert cfg.train.epochs == 1 and cfg.train.max_steps is None and cfg.task.max_train_samples == 8454
         rows[[o for o in cell if o.startswith("table_row=")][0]] = (
             cfg.method.name, None if cfg.method.name == "full_ft" else
@@ -140,19 +140,20 @@ def test_presets_read_beside_table1_cpu_share_its_protocol(preset, rows, tasks, 
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("presets")
 def test_allocators_cpu_rows_share_the_budget_of_table1_cpus_row_between_r1_and_r2():
     """Read against table1_cpu's Hessian row at 1.5 x r1 and uniform's r1-r2 curve: the same budget, whatever row."""
     theirs = compose_config(["experiment=table1_cpu", "table_row=hessian_r1x1.5", "task=wiki_pairs"])
     assert (theirs.budget.rank, theirs.budget.scale) == (1, 1.5)
-    for cell in {tuple(o for o in c if not o.startswith("seed=")) for c in preset_cells("allocators_cpu")}:
-        assert compose_config(list(cell)).budget == theirs.budget, cell
+    for cell, cfg in preset_configs("allocators_cpu"):
+        assert cfg.budget == theirs.budget, cell
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("presets")
 def test_adarankgrad_rows_set_optimizer_and_rank():
     rows = set()
-    for cell in preset_cells("adarankgrad_glue", ["seed=0", "task=rte"]):
-        cfg = compose_config(cell)
+    for cell, cfg in preset_configs("adarankgrad_glue"):
         if cfg.method.name == "full_ft":
             rows.add((cfg.optimizer.name, cfg.optimizer.get("rank")))
         else:
@@ -172,9 +173,11 @@ def test_command_line_narrows_a_preset_axis():
                                                                       "hydra.sweeper.lr_factors=[1.0]"], 5)])
 @pytest.mark.slow
 def test_cpu_preset_runs_every_row_on_the_real_model(preset, narrow, jobs, tmp_path, monkeypatch, capfd):
-    """The CPU preset as shipped (real MiniLM, real data), cut to 2 steps and 32 examples so it fits a test."""
+    """The CPU preset as shipped (real MiniLM, real data), cut to 2 steps, 32 examples of 32 tokens and the fewest
+    statistics batches so it fits a test."""
     result = run_here([f"experiment={preset}", *narrow, "train.max_steps=2", "task.max_train_samples=64",
-                      "task.max_eval_samples=32", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch, capfd)
+                       "task.max_eval_samples=32", "task.max_length=32", *STATS_FEW, "hydra.sweep.dir=sweep"],
+                      tmp_path, monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.load(open(p)) for p in glob.glob(os.path.join(tmp_path, "sweep", "*", "metrics.json"))]
     assert len(runs) == jobs

@@ -17,8 +17,8 @@ from tests.helpers import run_here
 
 SMALL = ["model=small_gpt2_wiki", "task=wiki_adapt", "++model.hf_config.n_layer=1", "++model.hf_config.n_embd=32",
          "++model.hf_config.n_head=2",
-         "model.pretrain.overrides=['task=wiki_pretrain','train.max_steps=3','task.max_train_samples=64',"
-         "'task.max_eval_samples=16','seed=0']"]
+         "model.pretrain.overrides=['task=wiki_pretrain','train.max_steps=3','task.max_train_samples=16',"
+         "'task.max_eval_samples=8','task.max_length=32','train.batch_size=4','seed=0']"]
 
 
 @pytest.mark.slow
@@ -45,7 +45,8 @@ def test_fashion_mnist_class_split_relabels():
 @pytest.mark.slow
 def test_base_is_pretrained_once_cached_and_loaded(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LORAMBO_CACHE", str(tmp_path / "cache"))
-    args = [*SMALL, "logger=none", "train.max_steps=2", "task.max_train_samples=64", "task.max_eval_samples=16"]
+    args = [*SMALL, "logger=none", "train.max_steps=2", "task.max_train_samples=16", "task.max_eval_samples=8",
+            "task.max_length=32", "train.batch_size=4"]
     first = run_here([*args, "hydra.run.dir=first"], tmp_path, monkeypatch, capfd)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "pretraining the base small_gpt2_wiki once" in first.stderr

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lorambo.config import CONF_DIR
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_in_process
 
 # no dropout anywhere and float32, so one process and two differ only by the order of floating-point sums (bf16
 # autocast rounds a half batch's matmuls differently from the whole batch's: growth decisions near a tie differ)
@@ -23,8 +23,7 @@ DETERMINISTIC = ["experiment=smoke", "lora.dropout=0", "++model.hf_config.hidden
 def one_and_two(tmp_path_factory):
     """The same run as one process with batch 16 and as two processes (torchrun, gloo) with batch 8 each."""
     tmp_path = tmp_path_factory.mktemp("scale")
-    one = run_cli([*DETERMINISTIC, "train.batch_size=16", "hydra.run.dir=one"], cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-2000:]
+    run_in_process([*DETERMINISTIC, "train.batch_size=16"], tmp_path / "one")  # one process: this one
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     two = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29531", "-m", "lorambo.cli",
                           *DETERMINISTIC, "train.batch_size=8", "hydra.run.dir=two"],
@@ -45,6 +44,7 @@ def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
     assert b["p_max"] == a["p_max"]
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_same_learning_rate_schedule_and_log_the_same_loss(one_and_two):
     # accelerate steps a prepared scheduler once per process: a schedule laid out for one process ran N times
     # too fast (it reached zero halfway through a two-process run)
@@ -55,6 +55,7 @@ def test_two_processes_follow_the_same_learning_rate_schedule_and_log_the_same_l
     assert [r[2] for r in two] == pytest.approx([r[2] for r in one], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_processes_grow_as_one(one_and_two):
     assert one_and_two["one"][0]["ranks"] == one_and_two["two"][0]["ranks"]
 
