@@ -36,9 +36,17 @@ ROW_AXES = ("table_row", "allocator", "method")  # what distinguishes a preset's
 @dataclass
 class Case:
     name: str
-    overrides: list[str]
+    quick: tuple  # quick(overrides): (the case's overrides, the config they compose into)
     processes: int = 1
     tags: set = field(default_factory=set)
+
+    @property
+    def overrides(self) -> list[str]:
+        return self.quick[0]
+
+    @property
+    def config(self):
+        return self.quick[1]
 
     def command(self, out_dir: str) -> list[str]:
         args = [*self.overrides, f"hydra.run.dir={os.path.join(out_dir, self.name)}"]
@@ -58,17 +66,16 @@ def preset_rows(preset: str) -> list[list[str]]:
     return [[o for o in cell if not o.startswith("seed=")] for cell in rows.values()]
 
 
-def quick(overrides: list[str]) -> list[str]:
-    """The cell's overrides cut to a few steps, on a smaller model where the preset's is large."""
+def quick(overrides: list[str]):
+    """(the cell's overrides cut to a few steps, on a smaller model where the preset's is large; their config)."""
     from lorambo.config import compose_config
 
+    overrides = [*overrides, *FEW_STEPS]
     cfg = compose_config(overrides)
-    extra = list(FEW_STEPS)
-    if cfg.task.type == "instruct":
-        extra += INSTRUCT
+    extra = INSTRUCT if cfg.task.type == "instruct" else []
     if cfg.model.get("pretrained") in SMALLER:
-        extra.append(f"model.pretrained={SMALLER[cfg.model.pretrained]}")
-    return [*overrides, *extra]
+        extra = [*extra, f"model.pretrained={SMALLER[cfg.model.pretrained]}"]
+    return ([*overrides, *extra], compose_config([*overrides, *extra])) if extra else (overrides, cfg)
 
 
 @functools.cache

@@ -247,6 +247,15 @@ def run_here(args, cwd, monkeypatch, capfd, program="lorambo-run"):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now: torchrun's rendezvous (two tests' fixed ports collided under xdist)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def bench_script(name):
     """bench/NAME.py loaded as a module (the benchmark scripts are not a package)."""
     import importlib.util

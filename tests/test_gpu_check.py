@@ -11,8 +11,9 @@ import pytest
 from lorambo.cli import group_options
 from lorambo.config import preset_cells
 from lorambo.schema import validate
-from tests.helpers import ROOT, bench_script, compose_cfg
+from tests.helpers import ROOT, bench_script
 
+pytestmark = pytest.mark.xdist_group("gpu_check")  # one worker makes the cases (a minute of compositions) once
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +23,19 @@ def gpu_check():
 
 @pytest.fixture(scope="module")
 def cases(gpu_check):
-    # its preset rows are preset cells the preset tests compose too: through the same memo (one worker: the group)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("lorambo.config.compose_config", compose_cfg)
-        return gpu_check.cases()
+    return gpu_check.cases()  # each composed as it is made (its config: what its overrides compose into)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("presets")
 def test_every_case_composes_into_a_valid_config(cases):
     assert len({c.name for c in cases}) == len(cases)
     for case in cases:
-        cfg = compose_cfg([o for o in case.overrides if not o.startswith("hydra.")])
+        cfg = case.config
         validate(cfg)
         assert cfg.train.max_steps == 4 and cfg.logger.name == "none", case.name
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("presets")
 def test_the_cases_cover_every_preset_row_method_allocator_and_precision(cases):
     from lorambo.allocators import ALLOCATORS, import_allocators
     from lorambo.methods import METHODS, import_builtin
@@ -54,14 +50,13 @@ def test_the_cases_cover_every_preset_row_method_allocator_and_precision(cases):
         rows = {tuple(o for o in cell if o.split("=", 1)[0] in ("table_row", "allocator", "method"))
                 for cell in preset_cells(preset)}
         assert len([c for c in cases if preset in c.tags]) == len(rows), preset
-    qlora = [compose_cfg([o for o in c.overrides if not o.startswith("hydra.")]) for c in cases if "qlora" in c.tags]
+    qlora = [c.config for c in cases if "qlora" in c.tags]
     assert qlora and all(cfg.model.quantize == "4bit" for cfg in qlora)
     assert all(cfg.model.pretrained == "meta-llama/Llama-3.2-1B" for cfg in qlora)  # the small stand-in
     assert any(c.processes == 2 and c.command("out")[:2] == ["accelerate", "launch"] for c in cases)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("presets")
 def test_the_script_lists_its_cases_and_refuses_to_run_without_a_gpu(gpu_check, cases, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["gpu_check.py", "--list", "--only", "qlora"])
     gpu_check.main()

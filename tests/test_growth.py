@@ -14,7 +14,7 @@ from torch import nn
 import lorambo  # noqa: F401
 from lorambo.adapters import adapter_ranks, factor_matrices, grow_rank, lora_layers, sync_peft_config, wrap_lora
 from lorambo.methods.growth import GradientCapture, residual, singular_values_and_right_vectors
-from tests.helpers import LORA, Tiny, run_in_process
+from tests.helpers import LORA, Tiny, free_port, run_in_process
 
 
 def trained_tiny(steps=5, rslora=False):
@@ -185,7 +185,7 @@ def test_two_processes_take_identical_growth_decisions(tmp_path):
     """torchrun, two CPU processes on gloo, each measuring on different data: same ranks, same new tensors."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(WORKER))}
-    result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", WORKER, str(tmp_path)],
+    result = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", WORKER, str(tmp_path)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     outcomes = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -14,7 +14,7 @@ from lorambo.instruct import (IGNORE, PadCollator, arithmetic_problems, encode_e
                               instruct_rows, is_correct, left_padded, parse_answer, prompt_ids, prompt_text,
                               response_loss)
 from lorambo.models import build_model, build_tokenizer
-from tests.helpers import compose_cfg, run_in_process, run_main
+from tests.helpers import STATS_FEW, compose_cfg, run_in_process, run_main
 
 TINY = ["model=tiny_gpt2", "task=arithmetic", "task.sizes={train:64,validation:16,test:12}",
         "task.forgetting.max_eval_samples=8", "task.max_new_tokens=12", "task.eval_batch_size=5"]
@@ -211,7 +211,7 @@ def test_llm_method_comparison_runs_every_row_at_two_steps_on_a_tiny_llama(tmp_p
 
     result = run_here(["experiment=llm_method_comparison", "model=tiny_llama", "model.pretrained=null",
                       "task=local_instruct", *write_splits(tmp_path), "budget=r2", "train.max_steps=2",
-                      "task.max_new_tokens=4", "train.mixed_precision=no", "logger=none",
+                      "task.max_new_tokens=4", "train.mixed_precision=no", "logger=none", *STATS_FEW,
                       "hydra.sweep.dir=sweep"], tmp_path, monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sweep_runs(tmp_path / "sweep")
@@ -231,7 +231,8 @@ def test_llm_track_cpu_runs_tuned_rows_with_forgetting_and_a_report(tmp_path, mo
     result = run_here(["experiment=llm_track_cpu", "model=tiny_gpt2", "table_row=uniform,hessian_online", "seed=0",
                       "task.sizes={train:96,validation:8,test:6}", "task.max_train_samples=96",
                       "task.forgetting.max_eval_samples=4", "task.max_new_tokens=4", "train.max_steps=2",
-                      "hydra.sweeper.lr_factors=[1.0]", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch, capfd)
+                      "hydra.sweeper.lr_factors=[1.0]", *STATS_FEW, "hydra.sweep.dir=sweep"], tmp_path, monkeypatch,
+                     capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sweep_runs(tmp_path / "sweep")
     assert sorted(r["allocator"] for r in runs) == ["hessian_online", "uniform"]

@@ -3,7 +3,6 @@
 
 import ast
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import lorambo
 from lorambo.errors import LoramboError
 from lorambo.models import adaptable_layers, build_model, build_tokenizer
-from tests.helpers import compose_cfg, run_cli, run_in_process
+from tests.helpers import compose_cfg, run_here, run_in_process
 
 TOY_METHOD = '''
 """A toy method outside lorambo: LoRA with A frozen at its initialisation (LoRA-FA's idea), only B trains."""
@@ -45,16 +44,20 @@ class FreezeA(Lora):
 
 
 @pytest.mark.slow
-def test_a_method_from_outside_lorambo_runs_end_to_end(tmp_path):
+def test_a_method_from_outside_lorambo_runs_end_to_end(tmp_path, monkeypatch, capfd):
     """The plug-in shape: one module and one yaml outside lorambo/, found by `module:` and hydra.searchpath."""
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "toy_freeze_a.py").write_text(TOY_METHOD)
     (tmp_path / "conf" / "method").mkdir(parents=True)
     (tmp_path / "conf" / "method" / "freeze_a.yaml").write_text(
         "name: freeze_a\nmodule: toy_freeze_a\nnote: frozen A\n")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'plugins'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))  # as PYTHONPATH puts it there for the command
+    from lorambo.methods import METHODS
+
+    monkeypatch.setitem(METHODS, "freeze_a", None)  # the registration it makes leaves with the test (undo deletes)
     searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
-    toy = run_cli(["experiment=smoke", "method=freeze_a", searchpath, "hydra.run.dir=toy"], tmp_path, env=env)
+    toy = run_here(["experiment=smoke", "method=freeze_a", searchpath, "hydra.run.dir=toy"], tmp_path, monkeypatch,
+                   capfd)
     assert toy.returncode == 0, toy.stderr[-2000:]
     a = json.loads((tmp_path / "toy" / "metrics.json").read_text())
     b = run_in_process(["experiment=smoke"], tmp_path / "plain")
@@ -71,11 +74,11 @@ def test_a_method_from_outside_lorambo_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_plugin_method_module_that_does_not_import_is_one_line(tmp_path):
+def test_a_plugin_method_module_that_does_not_import_is_one_line(tmp_path, monkeypatch, capfd):
     (tmp_path / "conf" / "method").mkdir(parents=True)
     (tmp_path / "conf" / "method" / "ghost.yaml").write_text("name: ghost\nmodule: no_such_module_here\n")
-    result = run_cli(["experiment=smoke", "method=ghost", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-                      "hydra.run.dir=run"], tmp_path)
+    result = run_here(["experiment=smoke", "method=ghost", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                       "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "lorambo-run: error: method.module='no_such_module_here' cannot be imported" in result.stderr
 
@@ -100,8 +103,8 @@ def test_an_allocator_option_of_another_allocator_names_the_known_ones(tmp_path)
 
 @pytest.mark.parametrize("name", ["adalora", "full_ft"])
 @pytest.mark.slow
-def test_a_method_named_as_an_allocator_says_where_it_went(name, tmp_path):
-    result = run_cli(["experiment=smoke", f"allocator={name}"], tmp_path, timeout=120)
+def test_a_method_named_as_an_allocator_says_where_it_went(name, tmp_path, monkeypatch, capfd):
+    result = run_here(["experiment=smoke", f"allocator={name}"], tmp_path, monkeypatch, capfd)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"lorambo-run: error: {name} is a way of training, not an allocator: use method={name}" in result.stderr
 

@@ -9,16 +9,13 @@ import json
 import math
 import os
 import shutil
-import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from lorambo.report import main as report_main
-from tests.helpers import run_cli, run_in_process
+from tests.helpers import run_here, run_in_process
 
 TINY = ["experiment=smoke", "task.max_train_samples=64", "task.max_eval_samples=32", "train.max_steps=2"]
 
@@ -133,11 +130,13 @@ def test_plots_for_a_memory_table_draw_optimizer_state_and_only_changing_ranks(t
 
 
 @pytest.mark.slow
-def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_path, capsys):
+def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_path, monkeypatch, capfd):
     # a preset runs as a sweep by itself (no -m); train.lr=1e30 makes two of the four jobs fail (NaN loss)
-    result = run_cli(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none",
-                      *TINY[1:], "allocator=uniform,frobenius_greedy", "budget=r1", "seed=0",
-                      "train.lr=1e-3,1e30", "train.warmup_ratio=0", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    capsys = capfd  # report_csv reads what the report printed
+    result = run_here(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none",
+                       *TINY[1:], "allocator=uniform,frobenius_greedy", "budget=r1", "seed=0",
+                       "train.lr=1e-3,1e30", "train.warmup_ratio=0", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch,
+                      capfd)
     assert result.returncode == 1  # some jobs failed
     assert result.stderr.count("lorambo-run: error: loss became") == 2
     finished = sorted(glob.glob(str(tmp_path / "sweep" / "*" / "metrics.json")))
@@ -155,9 +154,9 @@ def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_pat
     assert sum("not run" in line for line in missing) == 1
     assert os.path.basename(lost).split("_")[0] in " ".join(line.split(" job ")[1][:3] for line in missing)
     # the lost job run again into its own folder (as a user reruns a lost cell): no longer missing
-    rerun = run_cli(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none", *TINY[1:],
-                     f"allocator={lost_allocator}", "budget=r1", "seed=0", "train.lr=1e-3", "train.warmup_ratio=0",
-                     "hydra.mode=RUN", "hydra.run.dir=rerun"], cwd=tmp_path)
+    rerun = run_here(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none", *TINY[1:],
+                      f"allocator={lost_allocator}", "budget=r1", "seed=0", "train.lr=1e-3", "train.warmup_ratio=0",
+                      "hydra.mode=RUN", "hydra.run.dir=rerun"], tmp_path, monkeypatch, capfd)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     report_main([str(tmp_path / "sweep"), str(tmp_path / "rerun"), "--no-plots"])
     out = capsys.readouterr().out
@@ -166,9 +165,8 @@ def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_pat
 
 
 @pytest.mark.slow
-def test_no_runs_is_one_line(tmp_path):
-    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-report"), str(tmp_path)],
-                            capture_output=True, text=True)
+def test_no_runs_is_one_line(tmp_path, monkeypatch, capfd):
+    result = run_here([str(tmp_path)], tmp_path, monkeypatch, capfd, program="lorambo-report")
     assert result.returncode == 2 and result.stderr.startswith("lorambo-report: error: no finished runs")
     assert "Traceback" not in result.stderr
 

@@ -13,7 +13,7 @@ import pytest
 
 from lorambo.checkpoint import resume_config
 from lorambo.train import run
-from tests.helpers import run_in_process
+from tests.helpers import run_here, run_in_process
 
 TINY = ["experiment=smoke", "task.max_train_samples=64", "task.max_eval_samples=32", "train.max_steps=10",
         "train.checkpoint_every=3", "train.keep_checkpoint=true", "train.log_every=1"]
@@ -125,9 +125,8 @@ def test_a_run_killed_between_its_rng_and_its_checkpoint_resumes_from_the_last_w
 
 
 @pytest.mark.slow
-def test_resume_without_a_checkpoint_is_one_line(tmp_path):
-    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-run"), f"resume={tmp_path}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+def test_resume_without_a_checkpoint_is_one_line(tmp_path, monkeypatch, capfd):
+    result = run_here([f"resume={tmp_path}"], tmp_path, monkeypatch, capfd)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "lorambo-run: error: no checkpoint in" in result.stderr
 
@@ -144,7 +143,7 @@ class Planted:
 
 @pytest.mark.parametrize("target", ["checkpoint.pt", "checkpoint_rng_0_step3.pt"])
 @pytest.mark.slow
-def test_a_planted_pickle_is_refused_and_runs_nothing(target, tmp_path):
+def test_a_planted_pickle_is_refused_and_runs_nothing(target, tmp_path, monkeypatch, capfd):
     """Regression: checkpoint.py loaded both files with weights_only=False, so `resume=DIR` ran the command a
     crafted checkpoint's __reduce__ named. Now only tensors and plain containers load."""
     import torch
@@ -154,8 +153,7 @@ def test_a_planted_pickle_is_refused_and_runs_nothing(target, tmp_path):
     before = (run_dir / "metrics.json").read_text()
     marker = tmp_path / "PWNED"
     torch.save({"step": Planted(str(marker))}, run_dir / target)
-    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lorambo-run"), f"resume={run_dir}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_here([f"resume={run_dir}"], tmp_path, monkeypatch, capfd)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "lorambo-run: error:" in result.stderr and "not loaded" in result.stderr
     assert not marker.exists()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lorambo.config import CONF_DIR
-from tests.helpers import run_cli, run_in_process
+from tests.helpers import free_port, run_cli, run_in_process
 
 # no dropout anywhere and float32, so one process and two differ only by the order of floating-point sums (bf16
 # autocast rounds a half batch's matmuls differently from the whole batch's: growth decisions near a tie differ)
@@ -25,7 +25,7 @@ def one_and_two(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("scale")
     run_in_process([*DETERMINISTIC, "train.batch_size=16"], tmp_path / "one")  # one process: this one
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29531", "-m", "lorambo.cli",
+    two = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "lorambo.cli",
                           *DETERMINISTIC, "train.batch_size=8", "hydra.run.dir=two"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -36,6 +36,7 @@ def one_and_two(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # one worker sets up `one_and_two`, once
 def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
     (a, allocation_one, _), (b, allocation_two, _) = one_and_two["one"], one_and_two["two"]
     assert allocation_one == allocation_two  # the same sensitivity estimate, the same initial ranks
@@ -45,6 +46,7 @@ def test_two_processes_match_one_with_the_same_global_batch(one_and_two):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # one worker sets up `one_and_two`, once
 def test_two_processes_follow_the_same_learning_rate_schedule_and_log_the_same_loss(one_and_two):
     # accelerate steps a prepared scheduler once per process: a schedule laid out for one process ran N times
     # too fast (it reached zero halfway through a two-process run)
@@ -56,6 +58,7 @@ def test_two_processes_follow_the_same_learning_rate_schedule_and_log_the_same_l
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # one worker sets up `one_and_two`, once
 def test_two_processes_grow_as_one(one_and_two):
     assert one_and_two["one"][0]["ranks"] == one_and_two["two"][0]["ranks"]
 
