@@ -69,7 +69,7 @@ def cli(args, cwd, **kw):
 
 
 @pytest.mark.slow
-def test_a_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
+def test_a_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path, monkeypatch, capfd):
     args = ["experiment=smoke", "train.max_steps=120", "train.checkpoint_every=10", "allocator=hessian_online",
             "method.grow_every=30", "seed=3"]
     run_in_process(args, tmp_path / "whole")  # the uninterrupted run: no process of its own needed
@@ -81,9 +81,8 @@ def test_a_run_killed_by_a_signal_resumes_to_the_same_result(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
     assert not os.path.exists(tmp_path / "killed" / "metrics.json"), "the run finished before it was killed"
-    resumed = cli(["resume=killed"], tmp_path)
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-2000:]
+    resumed = run_here(["resume=killed"], tmp_path, monkeypatch, capfd)  # the command a user types, in process
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = json.load(open(tmp_path / "whole" / "metrics.json"))
     b = json.load(open(tmp_path / "killed" / "metrics.json"))
     assert b["resumed_from_step"] > 0

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lorambo.config import CONF_DIR
-from tests.helpers import free_port, run_cli, run_in_process
+from tests.helpers import free_port, run_here, run_in_process
 
 # no dropout anywhere and float32, so one process and two differ only by the order of floating-point sums (bf16
 # autocast rounds a half batch's matmuls differently from the whole batch's: growth decisions near a tie differ)
@@ -73,9 +73,10 @@ def test_slurm_launcher_config_composes():
 
 
 @pytest.mark.slow
-def test_sweep_through_submitit_local_executor(tmp_path):
-    result = run_cli(["-m", "experiment=smoke", "budget=r1,r4", "hydra/launcher=local", "hydra.sweep.dir=sweep"],
-                     cwd=tmp_path, timeout=900)
+def test_sweep_through_submitit_local_executor(tmp_path, monkeypatch, capfd):
+    # the command in this process; submitit starts each job as a process of its own
+    result = run_here(["-m", "experiment=smoke", "budget=r1,r4", "hydra/launcher=local", "hydra.sweep.dir=sweep"],
+                      tmp_path, monkeypatch, capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.load(open(p)) for p in glob.glob(str(tmp_path / "sweep" / "*" / "metrics.json"))]
     assert sorted(r["adapter_params"] for r in runs)[1] == 4 * sorted(r["adapter_params"] for r in runs)[0]
