@@ -36,17 +36,10 @@ ROW_AXES = ("table_row", "allocator", "method")  # what distinguishes a preset's
 @dataclass
 class Case:
     name: str
-    quick: tuple  # quick(overrides): (the case's overrides, the config they compose into)
+    overrides: list[str]
+    config: object  # what the overrides compose into (the case list's test validates it)
     processes: int = 1
     tags: set = field(default_factory=set)
-
-    @property
-    def overrides(self) -> list[str]:
-        return self.quick[0]
-
-    @property
-    def config(self):
-        return self.quick[1]
 
     def command(self, out_dir: str) -> list[str]:
         args = [*self.overrides, f"hydra.run.dir={os.path.join(out_dir, self.name)}"]
@@ -88,30 +81,30 @@ def cases() -> list[Case]:
     for preset in group_options("experiment"):
         for cell in preset_rows(preset):
             row = "_".join(o.split("=", 1)[1] for o in cell if o.split("=", 1)[0] in ROW_AXES) or "default"
-            found.append(Case(f"{preset}/{row}", quick(cell), tags={"preset", preset}))
+            found.append(Case(f"{preset}/{row}", *quick(cell), tags={"preset", preset}))
     import_builtin("lorambo.methods")
     for method in sorted(METHODS):  # every method on a real encoder and a real causal LM
         for model, task in (("roberta", "sst2"), ("llama", "metamathqa")):
-            found.append(Case(f"method/{method}/{model}", quick([f"model={model}", f"task={task}",
+            found.append(Case(f"method/{method}/{model}", *quick([f"model={model}", f"task={task}",
                                                                   f"method={method}", "budget=r4"]),
                               tags={"method", method}))
     import_allocators()
     for allocator in sorted(ALLOCATORS):
-        found.append(Case(f"allocator/{allocator}/llama", quick(["model=llama", "task=metamathqa",
+        found.append(Case(f"allocator/{allocator}/llama", *quick(["model=llama", "task=metamathqa",
                                                                  f"allocator={allocator}", "budget=r4"]),
                           tags={"allocator", allocator}))
     for allocator in ("uniform", "frobenius_greedy", "data_weighted", "eva"):  # what a 4-bit base can take
-        found.append(Case(f"qlora/{allocator}", quick(["experiment=llm_method_comparison", "hydra.mode=RUN",
+        found.append(Case(f"qlora/{allocator}", *quick(["experiment=llm_method_comparison", "hydra.mode=RUN",
                                                        f"table_row={allocator}", "model.quantize=4bit"]),
                           tags={"qlora"}))
     for precision in ("bf16", "fp16", "auto"):
-        found.append(Case(f"precision/{precision}", quick(["model=roberta", "task=sst2", "allocator=hessian_offline",
+        found.append(Case(f"precision/{precision}", *quick(["model=roberta", "task=sst2", "allocator=hessian_offline",
                                                            f"train.mixed_precision={precision}"]),
                           tags={"precision", precision}))
-    found.append(Case("processes/2/hessian_online", quick(["model=roberta", "task=sst2", "allocator=hessian_online",
+    found.append(Case("processes/2/hessian_online", *quick(["model=roberta", "task=sst2", "allocator=hessian_online",
                                                            "method.grow_every=1", "method.growth_events=2"]),
                       processes=2, tags={"processes"}))
-    found.append(Case("processes/2/adalora", quick(["model=roberta", "task=sst2", "method=adalora",
+    found.append(Case("processes/2/adalora", *quick(["model=roberta", "task=sst2", "method=adalora",
                                                     "method.delta_t=1"]), processes=2, tags={"processes"}))
     return found
 

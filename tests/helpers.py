@@ -57,13 +57,20 @@ def run_main(args, cwd, monkeypatch, capfd, program="lorambo-run"):
     from lorambo.cli import allocate_main, main
 
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [program, *args])
+    entry = {"lorambo-run": main, "lorambo-allocate": allocate_main, "lorambo-report": report.main}[program]
+    return call_main(entry, [program, *args], monkeypatch, capfd)
+
+
+def call_main(entry, argv, monkeypatch, capture):
+    """(exit code, stdout, stderr) of a script's main() called in this process with sys.argv = argv; `capture` is
+    pytest's capfd or capsys."""
+    monkeypatch.setattr(sys, "argv", argv)
     code = 0
     try:
-        {"lorambo-run": main, "lorambo-allocate": allocate_main, "lorambo-report": report.main}[program]()
+        entry()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-    out, err = capfd.readouterr()
+    out, err = capture.readouterr()
     return code, out, err
 
 

@@ -2,13 +2,11 @@
 reports every goal row. No timing is asserted here; `make bench` measures."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import bench_script
-
+from tests.helpers import bench_script, call_main
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +39,7 @@ def test_lora_step_flop_count_matches_torch_flop_counter(harness):
 
 def harness_main(harness, args, monkeypatch, capsys):
     """(exit code, stdout, stderr) of `bench/harness.py ARGS`, through its main() in this process."""
-    monkeypatch.setattr(sys, "argv", ["harness.py", *args])
-    code = 0
-    try:
-        harness.main()
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(harness.main, ["harness.py", *args], monkeypatch, capsys)
 
 
 @pytest.mark.slow

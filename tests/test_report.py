@@ -48,9 +48,10 @@ def welch_reference(a, b):
     return 2 * stats.t.sf(abs(t), df)
 
 
-def report_csv(paths, out, capsys):
+def report_csv(paths, out, capture):
+    """The report's CSV rows, read from what it printed (`capture`: pytest's capsys or capfd)."""
     report_main([*map(str, paths), "--format", "csv", "--out", str(out)])
-    return list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    return list(csv.DictReader(io.StringIO(capture.readouterr().out)))
 
 
 @pytest.mark.slow
@@ -132,7 +133,6 @@ def test_plots_for_a_memory_table_draw_optimizer_state_and_only_changing_ranks(t
 @pytest.mark.slow
 def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_path, monkeypatch, capfd):
     # a preset runs as a sweep by itself (no -m); train.lr=1e30 makes two of the four jobs fail (NaN loss)
-    capsys = capfd  # report_csv reads what the report printed
     result = run_here(["experiment=budget_sweep", "model=tiny_bert", "task=rt_snippets", "logger=none",
                        *TINY[1:], "allocator=uniform,frobenius_greedy", "budget=r1", "seed=0",
                        "train.lr=1e-3,1e30", "train.warmup_ratio=0", "hydra.sweep.dir=sweep"], tmp_path, monkeypatch,
@@ -144,9 +144,9 @@ def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_pat
     lost = os.path.dirname(finished[1])
     lost_allocator = json.load(open(finished[1]))["allocator"]
     shutil.rmtree(lost)  # a job that never ran (e.g. a lost cluster job)
-    rows = report_csv([tmp_path / "sweep"], tmp_path, capsys)
+    rows = report_csv([tmp_path / "sweep"], tmp_path, capfd)
     report_main([str(tmp_path / "sweep"), "--no-plots"])
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert len(rows) == 1
     missing = [line for line in out.splitlines() if line.startswith("missing:")]
     assert len(missing) == 3
@@ -159,7 +159,7 @@ def test_a_sweep_that_lost_jobs_keeps_the_rest_and_the_report_names_them(tmp_pat
                       "hydra.mode=RUN", "hydra.run.dir=rerun"], tmp_path, monkeypatch, capfd)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     report_main([str(tmp_path / "sweep"), str(tmp_path / "rerun"), "--no-plots"])
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     still = [line for line in out.splitlines() if line.startswith("missing:")]
     assert len(still) == 2 and all("failed: loss became" in line for line in still)
 
