@@ -61,6 +61,9 @@ def preset_rows(preset: str) -> list[list[str]]:
 
 def quick(overrides: list[str]):
     """(the cell's overrides cut to a few steps, on a smaller model where the preset's is large; their config)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
     from lorambo.config import compose_config
 
     overrides = [*overrides, *FEW_STEPS]
@@ -68,7 +71,10 @@ def quick(overrides: list[str]):
     extra = INSTRUCT if cfg.task.type == "instruct" else []
     if cfg.model.get("pretrained") in SMALLER:
         extra = [*extra, f"model.pretrained={SMALLER[cfg.model.pretrained]}"]
-    return ([*overrides, *extra], compose_config([*overrides, *extra])) if extra else (overrides, cfg)
+    # the extras set plain values: applied to the composed config as Hydra would (a composition costs 0.2-0.5 s)
+    for override in OverridesParser.create().parse_overrides(extra):
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
+    return [*overrides, *extra], cfg
 
 
 @functools.cache

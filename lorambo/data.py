@@ -215,6 +215,7 @@ def _classification_task(task_cfg, raw, tokenizer) -> TaskData:
 
 
 MAP_BATCH = 1000  # documents per tokenisation batch of a causal LM task
+PREFIX_DOCS = 32  # the first prefix of a limited split tokenised, in documents
 
 
 def _lm_task(task_cfg, raw, tokenizer) -> TaskData:
@@ -228,17 +229,25 @@ def _lm_task(task_cfg, raw, tokenizer) -> TaskData:
 
     def encode(batch):
         ids = tokenizer(batch[task_cfg.text_fields[0]], add_special_tokens=False)["input_ids"]
-        flat = [t for seq in ids for t in (seq + end)]
-        n = len(flat) // block * block
-        blocks = [flat[i:i + block] for i in range(0, n, block)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": blocks}
+        flat = np.fromiter((t for seq in ids for t in (seq + end)), dtype=np.int64)
+        blocks = flat[:len(flat) // block * block].reshape(-1, block)  # an array: datasets writes it without
+        return {"input_ids": blocks, "attention_mask": np.ones_like(blocks), "labels": blocks}  # inspecting lists
 
     def prepare(split, limit):
         # blocks never cross a map batch (each batch's remainder is dropped), so the first `limit` blocks need only
-        # the first documents, in whole batches: tokenize more of them, four times as many each time, until enough
+        # the first documents: a growing prefix of the first batch (its first blocks are the whole batch's), then
+        # whole batches, four times as many each time, until enough
         from datasets import concatenate_datasets
 
         ds, parts, done, docs = raw[split], [], 0, MAP_BATCH
+        prefix = PREFIX_DOCS
+        while limit and prefix < min(MAP_BATCH, len(ds)):
+            part = ds.select(range(prefix))
+            part = part.map(encode, batched=True, batch_size=MAP_BATCH, remove_columns=ds.column_names,
+                            new_fingerprint=map_fingerprint(part, encode, task_cfg, tokenizer))
+            if len(part) >= limit:
+                return _subsample(part, limit).with_format("torch")
+            prefix *= 4
         while True:
             end = min(docs, len(ds)) if limit else len(ds)
             part = ds.select(range(done, end))

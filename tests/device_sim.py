@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
 
 SIMULATED = torch.device("meta")
 
@@ -86,6 +85,24 @@ def _empty_on_device(x):
 
 def _unwrap(x):
     return x.elem if isinstance(x, OnDevice) else x
+
+
+# An aten op's arguments and results are values, lists and tuples of them, nothing deeper: walked here without
+# torch's general pytree, whose per-op cost (every op of a run passes through the mode) was most of the mode's
+def tree_leaves(tree):
+    if isinstance(tree, dict):
+        tree = tuple(tree.values())
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in tree_leaves(item)]
+    return [tree]
+
+
+def tree_map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_map(fn, item) for item in tree)
+    return fn(tree)
 
 
 def _wrap(x):

@@ -1,4 +1,4 @@
-"""Run by tests/test_growth.py under torchrun (two CPU processes, gloo): one growth event measured on
+"""Run by tests/test_growth.py in two forked CPU processes on gloo (or under torchrun): one growth event measured on
 different data in each process; each process saves the ranks and A factors it ends with."""
 
 import sys

@@ -132,7 +132,7 @@ def built(overrides):
 
     from lorambo.models import build_model, build_tokenizer, resolve_auto_modules, resolve_family
 
-    cfg = compose_cfg(overrides)
+    cfg = compose_cfg(["logger=none", *overrides])  # run_in_process's composition (the logger aside): cached
     resolve_family(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.task, build_tokenizer(cfg.model) if cfg.model.family != "vision" else None)

@@ -12,14 +12,20 @@ from tests.helpers import compose_cfg
 LM = ["model=tiny_gpt2", "task=wiki_summaries", "task.max_length=32"]
 
 
+def count_texts(monkeypatch, tokenizer):
+    """(the number of texts of each call of the tokenizer, as it is called from now on; its own __call__)."""
+    texts, tokenize = [], type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, *a, **k: texts.append(len(text)) or tokenize(
+        self, text, *a, **k))
+    return texts, tokenize
+
+
 @pytest.mark.slow
 def test_a_limited_lm_split_is_the_first_blocks_of_the_whole_split(monkeypatch):
     monkeypatch.setattr(data_module, "MAP_BATCH", 50)  # small batches: the prefix grows several times
     cfg = compose_cfg([*LM, "task.max_train_samples=300", "task.max_eval_samples=1000000"])
     tokenizer = build_tokenizer(cfg.model)
-    texts, tokenize = [], type(tokenizer).__call__
-    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, *a, **k: texts.append(len(text)) or tokenize(
-        self, text, *a, **k))
+    texts, tokenize = count_texts(monkeypatch, tokenizer)
     limited = load_task(cfg.task, cfg.model, tokenizer)
     assert sum(texts) < 9029 // 4  # a fraction of the training split's 9,029 documents (and the 1,004 of validation)
     whole = load_task(compose_cfg([*LM, "task.max_train_samples=null", "task.max_eval_samples=null"]).task,
@@ -28,6 +34,24 @@ def test_a_limited_lm_split_is_the_first_blocks_of_the_whole_split(monkeypatch):
     assert torch.equal(limited.train[:]["input_ids"], whole.train[:300]["input_ids"])
     # a limit above the split's size: all of it
     assert torch.equal(limited.evals["validation"][:]["input_ids"], whole.evals["validation"][:]["input_ids"])
+
+
+def test_a_small_limit_tokenises_a_prefix_of_the_first_batch_and_gets_its_first_blocks(monkeypatch):
+    """The first blocks of a map batch need only its first documents: a limit of 40 blocks of 32 tokens reads a few
+    dozen documents, not the batch's 1,000, and gets the blocks the whole first batch begins with (here recomputed
+    by plain Python from the batch's texts)."""
+    cfg = compose_cfg([*LM, "task.max_train_samples=40", "task.max_eval_samples=8"])
+    tokenizer = build_tokenizer(cfg.model)
+    texts, tokenize = count_texts(monkeypatch, tokenizer)
+    limited = load_task(cfg.task, cfg.model, tokenizer)
+    assert sum(texts) < data_module.MAP_BATCH // 4
+    raw = data_module._text_splits(cfg.task)["train"][:data_module.MAP_BATCH]["text"]
+    flat = [t for text in raw for t in tokenize(tokenizer, text, add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id or tokenizer.sep_token_id]]
+    expected = torch.tensor([flat[i:i + 32] for i in range(0, 40 * 32, 32)])
+    assert torch.equal(limited.train[:]["input_ids"], expected)
+    assert torch.equal(limited.train[:]["labels"], expected) and bool(limited.train[:]["attention_mask"].all())
+    assert len(limited.evals["validation"]) == 8
 
 
 def test_tokenising_a_task_does_not_pickle_the_tokenizer_and_its_fingerprint_names_what_changed(monkeypatch):

@@ -36,6 +36,20 @@ def test_every_case_composes_into_a_valid_config(cases):
 
 
 @pytest.mark.slow
+def test_a_cases_config_is_what_its_overrides_compose_into(gpu_check, cases):
+    """The small stand-in model and the instruct task's few answers are set on the composed config, not composed
+    again: the result must be the composition of the case's own overrides."""
+    from omegaconf import OmegaConf
+
+    from lorambo.config import compose_config
+
+    for needle in ("model.pretrained=", "task.max_test_samples="):
+        case = next(c for c in cases if any(o.startswith(needle) for o in c.overrides))
+        assert OmegaConf.to_yaml(case.config, resolve=True) == OmegaConf.to_yaml(
+            compose_config(case.overrides), resolve=True), case.name
+
+
+@pytest.mark.slow
 def test_the_cases_cover_every_preset_row_method_allocator_and_precision(cases):
     from lorambo.allocators import ALLOCATORS, import_allocators
     from lorambo.methods import METHODS, import_builtin

@@ -3,8 +3,6 @@ decision in every process."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -177,17 +175,34 @@ def test_online_run_grows_within_budget_and_logs_history(tmp_path):
     assert (tmp_path / "online" / "rank_history.png").stat().st_size > 0
 
 
-WORKER = os.path.join(os.path.dirname(__file__), "distributed_growth_worker.py")
+def _growth_process(rank, port, out_dir):
+    """One of two processes of a gloo group, forked from this one (its imports done): the environment torchrun
+    gives each process, then the worker script's main."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tests import distributed_growth_worker
+
+    torch.set_num_threads(1)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2",
+                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"})
+    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's single-process state, inherited
+    GradientState._reset_state()
+    distributed_growth_worker.main(out_dir)
 
 
 @pytest.mark.slow
 def test_two_processes_take_identical_growth_decisions(tmp_path):
-    """torchrun, two CPU processes on gloo, each measuring on different data: same ranks, same new tensors."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(WORKER))}
-    result = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", WORKER, str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Two CPU processes on gloo, each measuring on different data: same ranks, same new tensors. Forked, not
+    started by torchrun (a fresh interpreter each, 10 s of imports on a core); tests/test_scale.py runs torchrun."""
+    import multiprocessing
+
+    fork, port = multiprocessing.get_context("fork"), free_port()
+    processes = [fork.Process(target=_growth_process, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0, 0]
     outcomes = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert outcomes[0]["data_differs"]
     assert outcomes[0]["ranks"] == outcomes[1]["ranks"] and outcomes[0]["increments"]
