@@ -231,6 +231,7 @@ def test_llm_track_cpu_runs_tuned_rows_with_forgetting_and_a_report(tmp_path, mo
     result = run_here(["experiment=llm_track_cpu", "model=tiny_gpt2", "table_row=uniform,hessian_online", "seed=0",
                       "task.sizes={train:96,validation:8,test:6}", "task.max_train_samples=96",
                       "task.forgetting.max_eval_samples=4", "task.max_new_tokens=4", "train.max_steps=2",
+                      "train.batch_size=4",  # the preset's 32 x 96 tokens of GPT-2's 50,257 logits: 600 MB a step
                       "hydra.sweeper.lr_factors=[1.0]", *STATS_FEW, "hydra.sweep.dir=sweep"], tmp_path, monkeypatch,
                      capfd)
     assert result.returncode == 0, result.stderr[-3000:]
