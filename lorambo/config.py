@@ -22,7 +22,15 @@ def package_path(package: str, relative: str = "") -> str:
     return os.path.join(spec.submodule_search_locations[0], relative)
 
 
+def prepared_path(name: str) -> str:
+    """`${prepared:NAME}`: a real pretrained base converted once from a package's files (lorambo/prepared.py)."""
+    from lorambo.prepared import prepared_path as path
+
+    return path(name)
+
+
 OmegaConf.register_new_resolver("pkg_path", package_path, replace=True)
+OmegaConf.register_new_resolver("prepared", prepared_path, replace=True)
 
 
 def compose_config(overrides=()):

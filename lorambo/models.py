@@ -108,10 +108,11 @@ def check_model_fits_task(model_cfg, task_cfg) -> None:
     if model_cfg.family not in FAMILY_TASK_TYPES:
         raise LoramboError(f"model.family '{model_cfg.family}' unknown; use one of {sorted(FAMILY_TASK_TYPES)}")
     if task_cfg.type not in FAMILY_TASK_TYPES[model_cfg.family]:
-        fitting = {"classification": "bert, roberta, t5, minilm, deberta_v3, llama, hf",
-                   "regression": "bert, roberta, t5, minilm, deberta_v3, llama, hf",
-                   "lm": "gpt2, llama, qwen2, mistral, hf", "instruct": "gpt2, llama, qwen2, mistral, hf",
-                   "image_classification": "resnet50, tiny_resnet"}[task_cfg.type]
+        fitting = {"classification": "bert, roberta, t5, minilm, mpnet, deberta_v3, llama, hf",
+                   "regression": "bert, roberta, t5, minilm, mpnet, deberta_v3, llama, hf",
+                   "lm": "smollm2, gpt2, llama, qwen2, mistral, hf",
+                   "instruct": "smollm2, gpt2, llama, qwen2, mistral, hf",
+                   "image_classification": "efficientnet_lite0, resnet50, tiny_resnet"}[task_cfg.type]
         raise LoramboError(
             f"task '{task_cfg.name}' ({task_cfg.type}) does not fit model '{model_cfg.name}' "
             f"({model_cfg.family}); use a model such as: {fitting}"

@@ -55,19 +55,13 @@ def ensure_pretrained(model_cfg) -> str:
 
 
 def base_sha256(model_cfg) -> str | None:
-    """The sha256 of a base pretrained here (its weight files in name order), recorded in every run on it: two
-    runs with the same config and seed give the same numbers only on the same base. None for other bases."""
+    """The sha256 of a base pretrained here or prepared from a package (lorambo/prepared.py), recorded in every run
+    on it: two runs with the same config and seed give the same numbers only on the same base. None for others."""
+    from lorambo.prepared import prepared_sha256, weights_sha256
+
     if not model_cfg.get("pretrain"):
-        return None
-    path = weights_path(base_path(model_cfg), model_cfg.family)  # ensure_pretrained made it before the run
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt")))
-    digest = hashlib.sha256()
-    for name in files:
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+        return prepared_sha256(model_cfg.get("pretrained"))
+    return weights_sha256(weights_path(base_path(model_cfg), model_cfg.family))  # ensure_pretrained made it
 
 
 def hydra_value(value) -> str:
