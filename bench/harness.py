@@ -8,7 +8,7 @@ same as JSON on the last line (and to --json FILE if given).
     .venv/bin/python bench/harness.py [--repeats 8] [--steps 5] [--only minilm_vs_peft,...] [--json FILE]
 
 Parts (--only): minilm_vs_peft, tiny_gpt2_vs_peft, grown_vs_direct, sensitivity, allocation, full_ft,
-step_speed, nonuniform_step, compile, sweep, offline_default. The last two time whole lorambo-run commands (about 25 and 8 minutes
+step_speed, nonuniform_step, real_bases, compile, sweep, offline_default. The last two time whole lorambo-run commands (about 25 and 8 minutes
 here); run the harness alone on the machine.
 """
 
@@ -522,6 +522,34 @@ def nonuniform_step(args) -> dict:
     return out
 
 
+REAL_BASES = {  # the real pretrained bases at their tables' batches: (overrides, batch size, tokens or None)
+    "smollm2 (arithmetic)": (["model=smollm2", "task=arithmetic", "budget=r4"], 8, 96),
+    "mpnet (rt_snippets)": (["model=mpnet", "task=rt_snippets", "budget=r4"], 16, 64),
+    "efficientnet_lite0 (fashion_mnist)": (["model=efficientnet_lite0", "task=fashion_mnist", "budget=r4"], 32, None),
+}
+
+
+def real_bases(args) -> dict:
+    """The training step of uniform LoRA at r4 on each real pretrained base (the default precision); for an
+    instruct task also against the same step taking logits at every position (the model's own loss: the step as
+    task type lm takes it), interleaved, as a ratio paired by round."""
+    out = {}
+    for name, (overrides, batch_size, max_length) in REAL_BASES.items():
+        cfg, model, batches = setting(overrides, batch_size, args.steps, max_length)
+        layers = adaptable_layers(model, cfg.model.target_modules)
+        ranks = allocate("uniform", layers, resolve_p_max(cfg.budget, layers))
+        variants = {"responses' logits": cfg}
+        if cfg.task.type == "instruct":
+            every = copy.deepcopy(cfg)
+            every.task.type = "lm"  # training_loss then asks the model for its own loss, from every position
+            variants["every position's logits"] = every
+        steppers = {label: lorambo_stepper(wrap_lora(copy.deepcopy(model), ranks, c.model.head_modules, c.lora), c)
+                    for label, c in variants.items()}
+        out[name] = interleaved(steppers, batches, args.repeats)
+        out[name]["tokens"] = [int(b["input_ids"].numel()) for b in batches] if max_length else None
+    return out
+
+
 COMPILE_FAMILIES = {  # family: (overrides, max_length) (MiniLM pretrained; causal LM and vision: the tiny configs)
     "encoder (minilm)": (["budget=r8"], 64),
     "causal_lm (tiny_gpt2)": (["model=tiny_gpt2", "task=wiki_summaries", "budget=r8"], 64),
@@ -620,6 +648,7 @@ PARTS = {
     "full_ft": full_ft_optimizers,
     "step_speed": step_speed,
     "nonuniform_step": nonuniform_step,
+    "real_bases": real_bases,
     "compile": compiled_vs_eager,
     "sweep": sweep_cells_per_hour,
     "offline_default": offline_default_wall,
@@ -675,6 +704,13 @@ def table_rows(r: dict) -> list[tuple[str, float, float | None, str]]:
             if precision in x:
                 rows.append((f"MiniLM step, ranks 1-14 / uniform r4 at equal parameters ({precision})",
                              x[precision]["ratio"]["median"], x[precision]["ratio"]["iqr"], "<= 1.05"))
+    if "real_bases" in r:
+        for base, v in r["real_bases"].items():
+            for label in [k for k in v if k not in ("ratio", "tokens") and isinstance(v[k], dict)]:
+                rows.append((f"step s, {base}, {label}", v[label]["median"], v[label]["iqr"], ""))
+            if "ratio" in v:
+                rows.append((f"step, {base}: responses' / every position's logits", v["ratio"]["median"],
+                             v["ratio"]["iqr"], ""))
     if "compile" in r:
         for family, v in r["compile"].items():
             rows.append((f"compiled / eager step, {family}", v["ratio"]["median"], v["ratio"]["iqr"], ""))

@@ -40,6 +40,39 @@ def loss_and_logits(model, batch, task_type):
     return out.loss, out.logits
 
 
+def training_loss(model, batch, task_type) -> torch.Tensor:
+    """The mean loss a training step takes. An instruct batch's loss falls on its responses only, so its logits are
+    computed only from the first position where any row's response begins (transformers' `logits_to_keep`): an
+    output layer of SmolLM2's 49,152 words over every prompt token was a large share of the step. The same
+    cross-entropy over the same tokens as the model's own loss (statistics read every position's logits through
+    loss_and_logits)."""
+    if task_type != "instruct" or not takes_logits_to_keep(model):
+        return loss_and_logits(model, batch, task_type)[0]
+    labels = batch["labels"]
+    scored = (labels[:, 1:] != IGNORE).any(0)  # position t predicts token t + 1
+    first = int(scored.int().argmax())  # a host read of one number (a sync, as the loss's .item() is)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=labels.shape[1] - first)
+    logits = out.logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, first + 1:].reshape(-1),
+                           ignore_index=IGNORE)
+
+
+_TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM under `model` (DDP's, torch.compile's and PEFT's wrappers aside) takes logits_to_keep."""
+    import inspect
+
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(base) not in _TAKES_LOGITS_TO_KEEP:
+        _TAKES_LOGITS_TO_KEEP[type(base)] = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _TAKES_LOGITS_TO_KEEP[type(base)]
+
+
 @torch.no_grad()
 def evaluate(model, loader, task_cfg, accelerator) -> dict[str, float]:
     model.eval()

@@ -21,7 +21,7 @@ from lorambo.data import data_loaders, start_epoch
 from lorambo.devices import make_accelerator, prepare, unwrap
 from lorambo.dropout import use_mask_dropout
 from lorambo.errors import LoramboError
-from lorambo.evaluation import evaluate_all, loss_and_logits, reported_metrics
+from lorambo.evaluation import evaluate_all, reported_metrics, training_loss
 from lorambo.methods import build_method
 from lorambo.models import (adaptable_layers, base_dtype, check_model_fits_task, head_parameters,
                             load_data_and_base, resolve_family, use_gradient_checkpointing)
@@ -209,7 +209,7 @@ def train_step(model, batch, optimizer, scheduler, accelerator, cfg, method, ste
     step, the method's after-optimizer-step hook (AdaLoRA's budget update), zero."""
     with accelerator.accumulate(model):
         with accelerator.autocast():  # train.mixed_precision: the forward only, as torch's AMP recipe has it
-            loss, _ = loss_and_logits(model, batch, cfg.task.type)
+            loss = training_loss(model, batch, cfg.task.type)
             extra = method.loss_term()
             if extra is not None:
                 loss = loss + extra

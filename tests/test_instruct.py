@@ -80,6 +80,30 @@ def test_response_loss_is_the_token_mean_over_every_batch():
     assert response_loss(model, loader) == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_the_training_loss_takes_logits_only_from_where_the_responses_begin(model, float64):
+    """training_loss asks the model for the logits of the batch's response positions only (logits_to_keep): the
+    same number as the model's own loss over every position's logits, from fewer logits."""
+    from lorambo.evaluation import training_loss
+
+    from lorambo.models import resolve_family
+
+    cfg = compose_cfg([f"model={model}", "task=arithmetic"])
+    resolve_family(cfg)
+    tokenizer = build_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    net = build_model(cfg.model, cfg.task, tokenizer).double().eval()
+    examples = [encode_example(tokenizer, r, cfg.task) for r in instruct_rows(cfg.task)["train"][:4]]
+    batch = PadCollator(tokenizer.pad_token_id)(examples)
+    kept = []
+    net.register_forward_hook(lambda m, args, kwargs, out: kept.append(out.logits.shape[1]), with_kwargs=True)
+    loss = training_loss(net, batch, "instruct")
+    first = int((batch["labels"][:, 1:] != IGNORE).any(0).int().argmax())
+    assert 0 < first and kept == [batch["input_ids"].shape[1] - first]  # the prompts' logits were never made
+    with torch.no_grad():
+        assert float(loss) == pytest.approx(float(net(**batch).loss), rel=1e-6)  # both in float32 (as transformers)
+
+
 def test_the_chat_template_is_used_when_the_tokenizer_has_one():
     tokenizer, cfg = tokenizer_and_task()
     assert prompt_text(tokenizer, "2 + 2?", cfg.task) == "Question: 2 + 2?\nAnswer: "
