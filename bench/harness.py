@@ -538,11 +538,11 @@ def real_bases(args) -> dict:
         cfg, model, batches = setting(overrides, batch_size, args.steps, max_length)
         layers = adaptable_layers(model, cfg.model.target_modules)
         ranks = allocate("uniform", layers, resolve_p_max(cfg.budget, layers))
-        variants = {"responses' logits": cfg}
+        variants = {"step": cfg}
         if cfg.task.type == "instruct":
             every = copy.deepcopy(cfg)
             every.task.type = "lm"  # training_loss then asks the model for its own loss, from every position
-            variants["every position's logits"] = every
+            variants = {"responses' logits": cfg, "every position's logits": every}
         steppers = {label: lorambo_stepper(wrap_lora(copy.deepcopy(model), ranks, c.model.head_modules, c.lora), c)
                     for label, c in variants.items()}
         out[name] = interleaved(steppers, batches, args.repeats)
