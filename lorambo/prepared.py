@@ -5,7 +5,6 @@ pretrained here) that a run loads like any local model: `${prepared:NAME}` in a 
 weights file for timm). The folder records its sources and the sha256 of its weights (`prepared.json`), which
 every run on it reports as `base_sha256`, so `model=hf model.pretrained=<the folder>` is the same run."""
 
-import fcntl
 import glob
 import hashlib
 import json
@@ -126,14 +125,11 @@ def prepared_path(name: str) -> str:
     a half-written folder is never used)."""
     if name not in PREPARERS:
         raise LoramboError(f"no prepared base '{name}'; there are: {', '.join(sorted(PREPARERS))}")
+    from lorambo.pretrain import build_once
+
     convert, weights = PREPARERS[name]
     folder = prepared_folder(name)
-    if not os.path.exists(os.path.join(folder, PREPARED_RECORD)):
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        with open(folder + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process preparing the same base: wait for it
-            if not os.path.exists(os.path.join(folder, PREPARED_RECORD)):
-                _prepare(name, convert, folder)
+    build_once(folder, PREPARED_RECORD, lambda: _prepare(name, convert, folder))
     return os.path.join(folder, weights) if weights else folder
 
 

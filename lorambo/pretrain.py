@@ -44,14 +44,20 @@ def weights_path(base: str, family: str) -> str:
 def ensure_pretrained(model_cfg) -> str:
     """The pretrained base's weights, pretraining it first if it is not cached (one process at a time)."""
     base = base_path(model_cfg)
-    if os.path.exists(os.path.join(base, "metrics.json")):
-        return weights_path(base, model_cfg.family)
-    os.makedirs(cache_root(), exist_ok=True)
-    with open(base + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process pretraining the same base: wait for it
-        if not os.path.exists(os.path.join(base, "metrics.json")):
-            pretrain(model_cfg, base)
+    build_once(base, "metrics.json", lambda: pretrain(model_cfg, base))
     return weights_path(base, model_cfg.family)
+
+
+def build_once(folder: str, marker: str, build) -> None:
+    """`build()` (which writes `folder` whole, `marker` in it last) unless the folder is there; one process at a
+    time: another building the same folder is waited for. A cached base, pretrained or prepared."""
+    if os.path.exists(os.path.join(folder, marker)):
+        return
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(folder, marker)):
+            build()
 
 
 def base_sha256(model_cfg) -> str | None:
