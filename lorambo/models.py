@@ -250,11 +250,17 @@ def _build_timm(model_cfg, task_cfg) -> nn.Module:
     if pretrained and pretrained != "hub":  # a local weights file instead of the hub
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained))
     try:
-        return timm.create_model(model_cfg.timm_name, pretrained=bool(pretrained), num_classes=task_cfg.num_labels,
-                                 in_chans=model_cfg.in_chans, **kwargs)
+        model = timm.create_model(model_cfg.timm_name, pretrained=bool(pretrained), num_classes=task_cfg.num_labels,
+                                  in_chans=model_cfg.in_chans, **kwargs)
     except (OSError, RuntimeError) as e:
         raise LoramboError(f"cannot load timm model '{model_cfg.timm_name}' (pretrained={pretrained}): "
                            f"{str(e).splitlines()[0]}")
+    if model_cfg.get("reset_head"):
+        # timm's EfficientNet draws a new head uniform in +-1/sqrt(classes) (0.32 for 10: logits of std ~4 before
+        # any training); reset_classifier gives PyTorch's Linear init (+-1/sqrt(features)), as timm's fine-tuning
+        # guide does
+        model.reset_classifier(task_cfg.num_labels)
+    return model
 
 
 def adaptable_layers(model: nn.Module, target_modules: str) -> list[LayerSpec]:

@@ -5,6 +5,7 @@ does no work for it) and takes a `loss_fn(model, batch) -> loss`.
 """
 
 import math
+import sys
 import weakref
 from contextlib import contextmanager
 
@@ -186,9 +187,22 @@ def hessian_operator_norm(model, layers, batches, loss_fn, iterations: int = 10,
     return norms
 
 
+def _same_conv_types() -> tuple[type, ...]:
+    """timm's TensorFlow-"SAME" convolutions (the tf_ models: EfficientNet-Lite0's stem) pad their input inside
+    forward, so a hook sees it without the border their patches include. No module is one unless timm is loaded."""
+    if "timm" not in sys.modules:
+        return ()
+    from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+    return (Conv2dSame, Conv2dSameExport)
+
+
 def layer_inputs_as_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer's input as rows of length d_in: tokens for Linear/Conv1D, unfolded patches for Conv2d."""
+    """A layer's input as rows of length d_in: tokens for Linear/Conv1D, unfolded patches for Conv2d (one per
+    output position, as the convolution sees them)."""
     if isinstance(module, nn.Conv2d):
+        if isinstance(module, _same_conv_types()):
+            from timm.layers import pad_same
+            x = pad_same(x, module.kernel_size, module.stride, module.dilation)
         patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     return x.reshape(-1, x.shape[-1])
@@ -202,7 +216,7 @@ def activation_covariances(model, layers, batches, forward_fn) -> dict[str, torc
     this_batch = {}  # (id(input), unfold geometry) -> (weak reference to the input, x^T x, rows)
 
     def hook(name, module):
-        geometry = ((module.kernel_size, module.dilation, module.padding, module.stride)
+        geometry = ((type(module), module.kernel_size, module.dilation, module.padding, module.stride)
                     if isinstance(module, nn.Conv2d) else None)
 
         def capture(_, inputs):

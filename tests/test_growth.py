@@ -88,20 +88,49 @@ def test_grown_adapter_saves_and_reloads_with_the_same_function(tmp_path):
     assert torch.allclose(reloaded(x), expected, atol=1e-6)
 
 
+def base_weight_gradient(model, layer, x, y) -> torch.Tensor:
+    """The reference: autograd on the adapted layer's base weight itself, as (out, in) for a convolution too."""
+    base = layer.get_base_layer()
+    model.zero_grad()
+    base.weight.requires_grad_(True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    base.weight.requires_grad_(False)
+    return base.weight.grad.reshape(base.weight.shape[0], -1)
+
+
 def test_captured_gradient_is_the_full_weight_gradient():
     model, _, x, y = trained_tiny()
     layers = lora_layers(model)
     with GradientCapture(layers) as capture:
         nn.functional.cross_entropy(model(x), y).backward()
     grads = capture.weight_gradients()
-    for name, layer in layers.items():  # reference: autograd on the base weight itself
-        base = layer.get_base_layer()
-        model.zero_grad()
-        base.weight.requires_grad_(True)
+    for name, layer in layers.items():
+        assert torch.allclose(grads[name], base_weight_gradient(model, layer, x, y), atol=1e-5), name
+
+
+class SameStem(nn.Module):
+    """timm's TensorFlow-"SAME" stride-2 stem (EfficientNet-Lite0's conv_stem), which pads inside its forward, on an
+    odd-sized image so its padding is uneven."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.conv2d_same import Conv2dSame
+        self.stem = Conv2dSame(2, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.stem(x)).flatten(1))
+
+
+def test_captured_gradient_of_a_same_padded_convolution_is_its_weight_gradient():
+    torch.manual_seed(0)
+    model = wrap_lora(SameStem(), {"stem": 2, "fc": 1}, [], LORA)
+    x, y = torch.randn(5, 2, 7, 7), torch.randint(0, 3, (5,))
+    layers = lora_layers(model)
+    with GradientCapture(layers) as capture:
         nn.functional.cross_entropy(model(x), y).backward()
-        expected = base.weight.grad.reshape(base.weight.shape[0], -1)
-        base.weight.requires_grad_(False)
-        assert torch.allclose(grads[name], expected, atol=1e-5), name
+    grads = capture.weight_gradients()
+    assert torch.allclose(grads["stem"], base_weight_gradient(model, layers["stem"], x, y), atol=1e-6)
 
 
 class SharedLayer(nn.Module):
@@ -126,11 +155,8 @@ def test_captured_gradient_sums_every_call_of_a_layer():
     with GradientCapture(layers) as capture:
         nn.functional.cross_entropy(model(x), y).backward()
     grads = capture.weight_gradients()
-    base = layers["fc1"].get_base_layer()
-    model.zero_grad()
-    base.weight.requires_grad_(True)
-    nn.functional.cross_entropy(model(x), y).backward()
-    assert torch.allclose(grads["fc1"], base.weight.grad, atol=1e-6)  # the last call alone differs
+    # the last call alone differs
+    assert torch.allclose(grads["fc1"], base_weight_gradient(model, layers["fc1"], x, y), atol=1e-6)
 
 
 def test_residual_is_orthogonal_to_the_adapter_subspaces():

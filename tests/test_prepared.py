@@ -87,6 +87,21 @@ def test_efficientnet_lite0_sees_a_uniform_in_a_photograph():
     assert top[0] == 652 and set(top) == {652, 667, 400}, top
 
 
+def test_efficientnet_lite0_starts_its_new_head_at_pytorchs_linear_init():
+    """timm draws EfficientNet's new head in +-1/sqrt(classes): for Fashion-MNIST's ten, logits of std ~4 before
+    training and a first loss of ~13 in the pilot. The run's base has PyTorch's +-1/sqrt(1280) and its ImageNet
+    body."""
+    from lorambo.models import build_model
+
+    cfg = compose_config(["model=efficientnet_lite0", "task=fashion_mnist"])
+    model = build_model(cfg.model, cfg.task, None)
+    assert model.classifier.weight.shape == (10, 1280)
+    assert 0.02 < float(model.classifier.weight.abs().max()) <= 1280 ** -0.5
+    from safetensors.torch import load_file
+    stem = load_file(prepared_path("efficientnet_lite0"))
+    assert torch.equal(model.conv_stem.weight, stem["conv_stem.weight"])
+
+
 def test_a_prepared_base_records_its_sha256_and_model_hf_on_its_folder_is_the_same_base(tmp_path):
     folder = prepared_path("mpnet")
     with open(os.path.join(folder, PREPARED_RECORD)) as f:

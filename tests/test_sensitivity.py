@@ -92,6 +92,23 @@ def test_activation_covariance_of_linear_and_conv_inputs():
     assert torch.allclose(G["0"], rows.t() @ rows / len(rows))
 
 
+def test_covariance_rows_of_a_same_padded_convolution_are_the_patches_it_convolves():
+    """timm's Conv2dSame pads inside forward: its rows, times its weight, must give its output exactly."""
+    import lorambo  # noqa: F401  (the torchvision fix before timm)
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from lorambo.sensitivity import layer_inputs_as_rows
+    torch.manual_seed(3)
+    conv = Conv2dSame(2, 3, 3, stride=2, bias=False).double()
+    x = torch.randn(4, 2, 7, 7, dtype=torch.float64)
+    rows = layer_inputs_as_rows(conv, x)
+    out = conv(x)
+    assert torch.allclose(rows @ conv.weight.reshape(3, -1).t(), out.permute(0, 2, 3, 1).reshape(-1, 3))
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(3 * 16, 2).double())
+    G = activation_covariances(model, [LayerSpec("0", 3, 18, "conv2d")], [{"x": x}], lambda m, b: m(b["x"]))
+    assert torch.allclose(G["0"], rows.t() @ rows / len(rows))
+
+
 @pytest.mark.parametrize("rank_deficient", [False, True])
 def test_data_weighted_approximation_matches_weighted_least_squares(rank_deficient):
     """The closed form trunc_r(W G^1/2) G^+1/2 against a direct solution: alternating least squares on
