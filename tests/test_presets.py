@@ -111,6 +111,21 @@ def test_table2_cpu_keeps_the_papers_rows_and_budget_ratio_at_ranks_that_bind(pr
     assert [BUDGET_ANALOGUE[label] for label in labels] == columns
 
 
+@pytest.mark.slow
+def test_table2_vision_on_efficientnet_keeps_the_papers_rows_on_the_real_base():
+    """EfficientNet-Lite0 with its ImageNet weights on all ten Fashion-MNIST classes: the paper's allocators plus
+    GoRA, uniform r2's and r8's parameters (at r1 every allocator that gives each layer rank 1 first is uniform),
+    table1_cpu's search, 3 seeds, the Fisher trace."""
+    cells = preset_cells("table2_vision_effnet")
+    assert axis(cells, "allocator") == sorted(["uniform", "frobenius_greedy", "hessian_offline", "hessian_online",
+                                               "data_weighted", "gora"])
+    assert axis(cells, "budget") == ["r2", "r8"] and len(axis(cells, "seed")) == 3
+    assert sweeper_of("table2_vision_effnet") == sweeper_of("table1_cpu")
+    cfg = compose_config(["experiment=table2_vision_effnet"])
+    assert (cfg.model.name, cfg.task.name, cfg.task.num_labels) == ("efficientnet_lite0", "fashion_mnist", 10)
+    assert cfg.model.pretrained.endswith("model.safetensors") and cfg.sensitivity.curvature == "fisher_trace"
+
+
 def sweeper_of(preset):
     from hydra import compose, initialize_config_dir
 
