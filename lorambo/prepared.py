@@ -6,13 +6,13 @@ weights file for timm). The folder records its sources and the sha256 of its wei
 every run on it reports as `base_sha256`, so `model=hf model.pretrained=<the folder>` is the same run."""
 
 import glob
-import hashlib
 import json
 import os
 import shutil
 import zipfile
 from importlib.metadata import PackageNotFoundError, distribution
 
+from lorambo.base_cache import build_once, cache_root, weights_sha256
 from lorambo.errors import LoramboError
 
 PREPARED_RECORD = "prepared.json"
@@ -115,8 +115,6 @@ def installed_file(name: str, relative: str) -> str:
 
 
 def prepared_folder(name: str) -> str:
-    from lorambo.pretrain import cache_root
-
     return os.path.join(cache_root(), f"prepared-{name}-v{VERSION}")
 
 
@@ -125,8 +123,6 @@ def prepared_path(name: str) -> str:
     a half-written folder is never used)."""
     if name not in PREPARERS:
         raise LoramboError(f"no prepared base '{name}'; there are: {', '.join(sorted(PREPARERS))}")
-    from lorambo.pretrain import build_once
-
     convert, weights = PREPARERS[name]
     folder = prepared_folder(name)
     build_once(folder, PREPARED_RECORD, lambda: _prepare(name, convert, folder))
@@ -146,18 +142,6 @@ def _prepare(name: str, convert, folder: str) -> None:
     with open(os.path.join(tmp, PREPARED_RECORD), "w") as f:
         json.dump(record, f, indent=1)
     os.replace(tmp, folder)
-
-
-def weights_sha256(path: str) -> str:
-    """The sha256 of a base's weights: one file, or a folder's weight files in name order."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
-    digest = hashlib.sha256()
-    for name in files:
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def prepared_sha256(pretrained) -> str | None:

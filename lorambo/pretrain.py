@@ -2,7 +2,6 @@
 with a `pretrain:` block is first trained from scratch (a full fine-tuning run of lorambo itself, in a
 subprocess so that its seed, devices and peak memory stay its own), once, and cached by what defines it."""
 
-import fcntl
 import hashlib
 import json
 import os
@@ -12,7 +11,9 @@ import sys
 
 from omegaconf import OmegaConf
 
+from lorambo.base_cache import build_once, cache_root, weights_sha256
 from lorambo.errors import LoramboError
+from lorambo.prepared import prepared_sha256
 
 # a pretraining subprocess is one plain process, even when the run that needs it is one of several
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -22,10 +23,6 @@ DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAST
 # what makes a pretrained base: its shape (overridable on the command line) and how it is pretrained
 SHAPE = ("hf_config", "timm_name", "timm_kwargs", "in_chans")
 DEFINING = ("family", *SHAPE, "pretrain")
-
-
-def cache_root() -> str:
-    return os.environ.get("LORAMBO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lorambo", "bases")
 
 
 def base_path(model_cfg) -> str:
@@ -48,23 +45,9 @@ def ensure_pretrained(model_cfg) -> str:
     return weights_path(base, model_cfg.family)
 
 
-def build_once(folder: str, marker: str, build) -> None:
-    """`build()` (which writes `folder` whole, `marker` in it last) unless the folder is there; one process at a
-    time: another building the same folder is waited for. A cached base, pretrained or prepared."""
-    if os.path.exists(os.path.join(folder, marker)):
-        return
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    with open(folder + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(folder, marker)):
-            build()
-
-
 def base_sha256(model_cfg) -> str | None:
     """The sha256 of a base pretrained here or prepared from a package (lorambo/prepared.py), recorded in every run
     on it: two runs with the same config and seed give the same numbers only on the same base. None for others."""
-    from lorambo.prepared import prepared_sha256, weights_sha256
-
     if not model_cfg.get("pretrain"):
         return prepared_sha256(model_cfg.get("pretrained"))
     return weights_sha256(weights_path(base_path(model_cfg), model_cfg.family))  # ensure_pretrained made it

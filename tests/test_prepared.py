@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from lorambo.base_cache import weights_sha256
 from lorambo.config import compose_config
-from lorambo.prepared import PREPARED_RECORD, prepared_path, prepared_sha256, weights_sha256
+from lorambo.prepared import PREPARED_RECORD, prepared_path, prepared_sha256
 from tests.helpers import run_in_process
 
 pytestmark = pytest.mark.slow
