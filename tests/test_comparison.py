@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from lorambo import comparison
-from lorambo.comparison import BELOW_SWEEP, NOT_REACHED, params_to_reach, savings
+from lorambo.report import comparison
+from lorambo.report.comparison import BELOW_SWEEP, NOT_REACHED, params_to_reach, savings
 
 BUDGETS = [10_000, 20_000, 40_000, 80_000]
 

@@ -10,9 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from lorambo.errors import LoramboError
-from lorambo.instruct import (IGNORE, PadCollator, arithmetic_problems, encode_example, general_text_loss,
-                              instruct_rows, is_correct, left_padded, parse_answer, prompt_ids, prompt_text,
-                              response_loss)
+from lorambo.instruct import (
+    IGNORE,
+    PadCollator,
+    arithmetic_problems,
+    encode_example,
+    general_text_loss,
+    instruct_rows,
+    is_correct,
+    left_padded,
+    parse_answer,
+    prompt_ids,
+    prompt_text,
+    response_loss,
+)
 from lorambo.models import build_model, build_tokenizer
 from tests.helpers import STATS_FEW, compose_cfg, run_in_process, run_main
 
@@ -85,7 +96,6 @@ def test_the_training_loss_takes_logits_only_from_where_the_responses_begin(mode
     """training_loss asks the model for the logits of the batch's response positions only (logits_to_keep): the
     same number as the model's own loss over every position's logits, from fewer logits."""
     from lorambo.evaluation import training_loss
-
     from lorambo.models import resolve_family
 
     cfg = compose_cfg([f"model={model}", "task=arithmetic"])
@@ -204,7 +214,7 @@ def test_an_instruct_task_needs_a_causal_lm(tmp_path, monkeypatch, capfd):
 
 
 def test_the_report_reads_loss_and_forgetting_as_lower_is_better():
-    from lorambo.comparison import lower_is_better
+    from lorambo.report.comparison import lower_is_better
 
     assert lower_is_better("validation_loss") and lower_is_better("forgetting") and lower_is_better("perplexity")
     assert not lower_is_better("accuracy") and not lower_is_better("accuracy_matched")

@@ -183,7 +183,7 @@ def test_budgets_as_columns_show_each_budgets_memory(tmp_path, template, capsys)
 
 
 def test_small_p_values_keep_a_significant_digit():
-    from lorambo.report import format_cell
+    from lorambo.report.render import format_cell
     cell = {"mean": 73.55, "std": 0.64, "n": 2, "paper": None, "vs_uniform": -12.65}
     assert format_cell({**cell, "p_vs_uniform": 0.004816}).endswith("Δu -12.65 p=0.005*")
     assert format_cell({**cell, "p_vs_uniform": 0.2157}).endswith("Δu -12.65 p=0.22")

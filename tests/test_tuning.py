@@ -93,7 +93,7 @@ def test_a_tuned_sweep_searches_every_row_alike_then_runs_the_choice_over_seeds(
 
 
 def test_the_search_table_flags_a_choice_at_the_grid_edge():
-    from lorambo.report import search_table
+    from lorambo.report.render import search_table
 
     grid = lambda scores: [{"point": {"train.lr": lr}, "metric": "accuracy", "dev_score": s}
                            for lr, s in zip((1e-4, 3e-4, 9e-4), scores)]
