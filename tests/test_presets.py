@@ -95,7 +95,7 @@ def test_table2_cpu_keeps_the_papers_rows_and_budget_ratio_at_ranks_that_bind(pr
     from lorambo.allocators.uniform import uniform_cost
     from lorambo.budget import budget_label
     from lorambo.models import adaptable_layers, build_model, build_tokenizer
-    from lorambo.paper_tables import BUDGET_ANALOGUE
+    from lorambo.report.paper_tables import BUDGET_ANALOGUE
 
     cells = preset_cells(preset)
     assert axis(cells, "allocator") == sorted(allocators)
@@ -200,3 +200,19 @@ def test_cpu_preset_runs_a_row_of_each_kind_on_the_real_model(preset, narrow, jo
     runs = [json.load(open(p)) for p in glob.glob(os.path.join(tmp_path, "sweep", "*", "metrics.json"))]
     assert len(runs) == jobs
     assert {r["model"] for r in runs} == {"minilm"} and all(r["steps"] == 2 for r in runs)
+
+
+@pytest.mark.slow
+def test_table2_lm_on_smollm2_keeps_the_papers_rows_on_the_real_base():
+    """SmolLM2-135M-Instruct on the Wikipedia summaries' adaptation half: the paper's allocators plus EVA and GoRA at
+    uniform r2's and r8's parameters, 3 seeds, one rate for every row (the default sweeper: no search), the Fisher
+    trace, sized to this CPU (25 steps of 8 x 64 tokens)."""
+    cells = preset_cells("table2_lm_smollm2")
+    assert axis(cells, "allocator") == sorted(["uniform", "frobenius_greedy", "hessian_offline", "hessian_online",
+                                               "data_weighted", "eva", "gora"])
+    assert axis(cells, "budget") == ["r2", "r8"] and len(axis(cells, "seed")) == 3 and len(cells) == 42
+    assert "lr_factors" not in sweeper_of("table2_lm_smollm2")
+    cfg = compose_config(["experiment=table2_lm_smollm2"])
+    assert (cfg.model.name, cfg.task.name, cfg.task.type) == ("smollm2", "wiki_adapt", "lm")
+    assert (cfg.train.batch_size, cfg.train.max_steps, cfg.task.max_length) == (8, 25, 64)
+    assert cfg.sensitivity.curvature == "fisher_trace"
