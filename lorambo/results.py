@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import tempfile
+import threading
 
 import torch
 
@@ -118,30 +119,71 @@ def optimizer_state_bytes(optimizer) -> int:
                for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
 
 
-def reset_peak_memory(device) -> None:
-    """Start a new peak: a Hydra sweep runs its jobs in one process, and each must report its own."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
+def _status_kib(field: str):
+    """One `Vm*` line of /proc/self/status in KiB, or None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class _RssSampler(threading.Thread):
+    """The highest VmRSS seen every 10 ms: the peak where the kernel will not reset VmHWM (some sandboxes
+    accept the write to clear_refs and ignore it). It can miss a spike shorter than its period."""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="lorambo-rss-sampler")
+        self.peak_kib = _status_kib("VmRSS") or 0
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(0.01):
+            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS") or 0)
+
+
+_sampler = None
+
+
+def _clear_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS. True when it did."""
+    try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass
+        return False
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 16 * 1024  # within 16 MiB of now: reset
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak: a Hydra sweep runs its jobs in one process, and each must report its own."""
+    global _sampler
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    if _sampler is not None:
+        _sampler.stopped.set()
+        _sampler = None
+    if not _clear_peak_rss() and _status_kib("VmRSS") is not None:
+        _sampler = _RssSampler()
+        _sampler.start()
 
 
 def peak_memory_bytes(device) -> int:
     """CUDA max allocated on GPU; peak resident set size of this process on CPU since reset_peak_memory
-    (VmHWM; where /proc is missing, the whole process's peak from getrusage)."""
+    (VmHWM, or the sampled peak where the kernel keeps VmHWM; where /proc is missing, the whole process's
+    peak from getrusage)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    if _sampler is not None:
+        return max(_sampler.peak_kib, _status_kib("VmRSS") or 0) * 1024
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

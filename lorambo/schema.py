@@ -8,7 +8,7 @@ from difflib import get_close_matches
 from typing import Literal
 
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from lorambo.errors import LoramboError
 
@@ -96,7 +96,9 @@ class Task(BaseModel):
     num_labels: int | None = Field(default=None, ge=1)
     max_train_samples: int | None = Field(default=None, ge=1)  # null: no limit
     max_eval_samples: int | None = Field(default=None, ge=1)
-    max_length: int | None = Field(default=None, ge=1)
+    max_length: StrictInt | None = Field(default=None, ge=1)  # strict: a float (1e9) reached the tokenizer
+    metrics: list[str] = []
+    main_metric: str | None = None
     dev_fraction: float | None = Field(default=None, gt=0, lt=1)  # set: evaluate on a dev split carved from train
     document_end: Literal["eos"] | None = "eos"  # lm: the end token after each text row, or none (WikiText lines)
 
@@ -105,11 +107,35 @@ class Task(BaseModel):
         if self.type == "classification" and (self.num_labels or 0) < 2:
             raise ValueError("a classification task needs task.num_labels >= 2 (for one output: "
                              "task.type=regression)")
+        if self.model_extra.get("text_fields") == []:
+            raise ValueError("task.text_fields=[] names no text; give the field(s) that hold it, e.g. "
+                             "task.text_fields=[text]")
+        known = TASK_METRICS[self.type]
+        for name in self.metrics:
+            if name not in known:
+                raise ValueError(f"task.metrics: unknown metric '{name}' for a {self.type} task; choose from: "
+                                 f"{', '.join(known)}")
+        splits = list(self.model_extra.get("eval_splits") or {})
+        base = next((self.main_metric[: -len(s) - 1] for s in splits if (self.main_metric or "").endswith("_" + s)),
+                    self.main_metric)
+        if self.main_metric is not None and self.metrics and base not in self.metrics:
+            raise ValueError(f"task.main_metric={self.main_metric} is not one of the task's metrics "
+                             f"({', '.join(self.metrics)}); choose one of them")
         return self
 
 
+# the metrics each task type computes (lorambo/metrics.py, evaluation.py, instruct.py)
+TASK_METRICS = {
+    "classification": ("accuracy", "f1", "mcc"),
+    "image_classification": ("accuracy", "f1", "mcc"),
+    "regression": ("pearson", "spearman", "pearson_spearman"),
+    "lm": ("perplexity",),
+    "instruct": ("accuracy", "validation_loss", "forgetting"),
+}
+
+
 class Run(Section):
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, lt=2**32)  # numpy's seeds are 32-bit (accelerate's set_seed seeds it)
     resume: str | None = None
     skip_finished: bool = False
     model: dict  # the groups checked elsewhere: model and logger by their use, method and allocator by their

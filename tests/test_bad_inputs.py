@@ -50,6 +50,14 @@ VALUES = {
                                  "task.max_train_samples=0: input should be greater than or equal to 1"),
     "task.max_length=2": (["task.max_length=2"], "task.max_length=2 leaves no room for text"),
     "+train.lrr": (["+train.lrr=1e-3"], "unknown key train.lrr; did you mean train.lr?"),
+    # values that passed the schema and ended in a traceback further on
+    "seed=2**64": (["seed=99999999999999999999"], "seed=99999999999999999999: input should be less than 4294967296"),
+    "task.main_metric=foo": (["task.main_metric=foo"],
+                             "task.main_metric=foo is not one of the task's metrics (accuracy); choose one of them"),
+    "task.metrics=[foo]": (["task.metrics=[foo]"],
+                           "task.metrics: unknown metric 'foo' for a classification task; choose from: accuracy"),
+    "task.text_fields=[]": (["task.text_fields=[]"], "task.text_fields=[] names no text; give the field(s)"),
+    "task.max_length=1e9": (["task.max_length=1e9"], "task.max_length=1000000000.0: input should be a valid integer"),
     "+allocator.grow_evry": (["allocator=hessian_online", "+allocator.grow_evry=3"],
                              "allocator hessian_online has no option 'grow_evry' (did you mean 'method.grow_every'?)"),
 }

@@ -216,3 +216,18 @@ def test_table2_lm_on_smollm2_keeps_the_papers_rows_on_the_real_base():
     assert (cfg.model.name, cfg.task.name, cfg.task.type) == ("smollm2", "wiki_adapt", "lm")
     assert (cfg.train.batch_size, cfg.train.max_steps, cfg.task.max_length) == (8, 25, 64)
     assert cfg.sensitivity.curvature == "fisher_trace"
+
+
+@pytest.mark.slow
+def test_llm_track_on_smollm2_compares_lorambos_allocators_with_uniform_at_two_budgets():
+    """SmolLM2-135M-Instruct on the arithmetic problems: uniform and LoRAMBo's offline and online allocators at
+    uniform r1's and r4's parameters, 3 seeds, one rate (no search), scored by generation, sized to this CPU."""
+    cells = preset_cells("llm_track_smollm2")
+    assert axis(cells, "allocator") == ["hessian_offline", "hessian_online", "uniform"]
+    assert axis(cells, "budget") == ["r1", "r4"] and axis(cells, "seed") == ["0", "1", "2"] and len(cells) == 18
+    assert "lr_factors" not in sweeper_of("llm_track_smollm2")
+    cfg = compose_config(["experiment=llm_track_smollm2"])
+    assert (cfg.model.name, cfg.task.name, cfg.task.type, cfg.task.main_metric) == (
+        "smollm2", "arithmetic", "instruct", "accuracy")
+    assert (cfg.train.batch_size, cfg.train.max_steps) == (8, 60)
+    assert (cfg.task.max_test_samples, cfg.task.max_eval_samples, cfg.task.forgetting.max_eval_samples) == (100, 100, 64)
