@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from lorambo.allocators import allocate, allocator_parameters, import_allocators, initialises, required_stats
+from lorambo.allocators import (allocate, allocator_option_model, allocator_parameters, import_allocators, initialises,
+                                required_stats)
 from lorambo.allocators.greedy import left_out
 from lorambo.allocators.uniform import uniform_rank
 from lorambo.budget import allocation_cost
@@ -18,6 +19,7 @@ from lorambo.evaluation import loss_and_logits
 from lorambo.methods import check_options, import_named_module
 from lorambo.models import head_parameters
 from lorambo.results import write_json_atomic
+from lorambo.schema import validate_options
 from lorambo.sensitivity import WEIGHT_GRADIENT_STATS, estimate, warmed_up_head
 from lorambo.sensitivity import summary as sensitivity_summary
 
@@ -31,6 +33,7 @@ def allocator_options(allocator_cfg, method_cfg=None) -> dict:
                if k not in ("name", "module", "report_order", "from_run")}
     check_options(options, allocator_parameters(allocator_cfg.name), f"allocator {allocator_cfg.name}",
                   {"method.": list(method_cfg or {})})
+    validate_options(allocator_option_model(allocator_cfg.name), options, "allocator.")
     return options
 
 

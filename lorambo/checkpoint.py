@@ -73,6 +73,16 @@ def save(run_dir: str, state: dict, config: dict, accelerator) -> None:
             os.remove(path)
 
 
+def saved_step(run_dir: str) -> int | None:
+    """The step of the checkpoint in `run_dir`, if any: its RNG file's (a newer step's RNG file may be there
+    beside it only if the run was killed before that step's checkpoint.pt replaced this one)."""
+    if not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+        return None
+    steps = [int(name.rsplit("_step", 1)[1][:-3]) for name in os.listdir(run_dir)
+             if name.startswith("checkpoint_rng_0_step") and name.endswith(".pt")]
+    return min(steps) if steps else None
+
+
 def checkpoint_file(run_dir: str) -> str:
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.exists(path):

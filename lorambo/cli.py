@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
+from difflib import get_close_matches
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 import lorambo  # noqa: F401  (torchvision fix before anything imports it)
 from lorambo.config import CONF_DIR
 from lorambo.errors import LoramboError
+from lorambo.stopping import RunStopped, exit_code, stoppable
 
 _failures = []
 # names that were allocators before the way of training became its own config group
@@ -83,10 +85,9 @@ def run_folder(run_dir: str, resuming: bool):
         except BlockingIOError:
             raise LoramboError(f"another lorambo-run is writing into '{run_dir}'; wait for it, or give this run "
                                f"its own folder (hydra.run.dir=...)") from None
-        if not resuming:
-            for name in OUTCOME_FILES:
-                if os.path.exists(os.path.join(run_dir, name)):
-                    os.remove(os.path.join(run_dir, name))
+        for name in OUTCOME_FILES if not resuming else ("error.txt",):  # a resumed run keeps its own log
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
         yield
 
 
@@ -96,10 +97,15 @@ def finished_metrics(run_dir: str, cfg) -> dict | None:
     if not (os.path.exists(metrics_path) and os.path.exists(config_path)):
         return None
     same = lambda c: {k: v for k, v in c.items() if k != "skip_finished"}
-    if same(OmegaConf.to_container(OmegaConf.load(config_path))) != same(OmegaConf.to_container(cfg, resolve=True)):
+    try:
+        if same(OmegaConf.to_container(OmegaConf.load(config_path))) != same(OmegaConf.to_container(cfg,
+                                                                                                   resolve=True)):
+            return None
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    except Exception:  # noqa: BLE001  (a damaged or half-copied cell of any kind is run again)
         return None
-    with open(metrics_path) as f:
-        return json.load(f)
+    return metrics if isinstance(metrics, dict) and metrics.get("main_metric") in metrics else None
 
 
 def check_resume_alone(argv: list[str]) -> None:
@@ -145,9 +151,15 @@ def _main(cfg: DictConfig) -> float | None:
         if finished:
             print(f"finished before, not run again (skip_finished): {run_dir}")
             return finished[finished["main_metric"]]
-        with run_folder(run_dir, resuming=bool(cfg.get("resume"))):
+        with run_folder(run_dir, resuming=bool(cfg.get("resume"))), stoppable():
             try:
                 metrics = run(cfg, run_dir)
+            except (KeyboardInterrupt, RunStopped) as e:  # the user's or the cluster's stop: no result, a line
+                stop = e if isinstance(e, RunStopped) else RunStopped("Ctrl-C")
+                message = stopped_line(stop, run_dir)
+                write_text_atomic(os.path.join(run_dir, "error.txt"), message + "\n")
+                fail(message)
+                raise SystemExit(exit_code(stop.how)) from None  # a sweep stops too
             except (LoramboError, OmegaConfBaseException) as e:
                 message = one_line(e)
                 write_text_atomic(os.path.join(run_dir, "error.txt"), message + "\n")
@@ -172,8 +184,22 @@ def _main(cfg: DictConfig) -> float | None:
     return metrics[main_metric]
 
 
+def stopped_line(stop, run_dir: str) -> str:
+    from lorambo.checkpoint import saved_step
+
+    where = f"at step {stop.step} of {stop.steps}" if stop.step is not None else "before training ended"
+    saved = saved_step(run_dir)
+    then = (f"the checkpoint of step {saved} is saved: continue with lorambo-run resume={run_dir}" if saved
+            else "no checkpoint was saved (train.checkpoint_every=N saves one every N steps): run it again")
+    return f"stopped by {stop.how} {where}; no result written; {then}"
+
+
 def one_line(e: Exception) -> str:
-    return str(e.__cause__ or e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
+    if not isinstance(e, OmegaConfBaseException):
+        return str(e)
+    line = str(e.__cause__ or e).splitlines()[0]
+    key = getattr(e, "full_key", None)  # which key's value failed (an interpolation, a type)
+    return f"{key}: {line}" if key and key not in line else line
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -200,15 +226,97 @@ def _allocate_main(cfg: DictConfig) -> None:
     print(f"PEFT config: {os.path.join(out_dir, 'adapter_config.json')} (start: {allocation['peft_start']})")
 
 
+def check_new_task_keys(argv: list[str]) -> None:
+    """`+task.KEY=...` adds a key, and a task's sources read different keys, so the task section takes any key:
+    refuse one that no task config and no task reader knows (a misspelling would be ignored in silence)."""
+    from lorambo.schema import Task
+
+    dirs = config_dirs(argv)
+    known = set(Task.model_fields)
+    for root in dirs:
+        folder = os.path.join(root, "task")
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if name.endswith(".yaml"):
+                known |= set(OmegaConf.load(os.path.join(folder, name)) or {}) - {"defaults"}
+    for arg in argv:
+        key = arg.partition("=")[0]
+        if not key.startswith("+") or not key.lstrip("+").startswith("task."):
+            continue
+        name = key.lstrip("+").split(".")[1]
+        if name not in known:
+            near = get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean task.{near[0]}?" if near else f"the task keys are: {', '.join(sorted(known))}"
+            raise LoramboError(f"unknown key task.{name}; {hint}")
+
+
+def hydra_error_line(e: Exception) -> str:
+    """Hydra's composition errors (an unknown key, an override it cannot parse, a missing config) in one line."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = e.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
+        key = cause.full_key
+        section, _, name = key.rpartition(".")
+        keys = sorted(str(k) for k in cause.parent_node.keys()) if cause.parent_node is not None else []
+        near = get_close_matches(name, keys, n=1)
+        where = f"{section}." if section else ""
+        hint = (f"did you mean {where}{near[0]}?" if near
+                else f"{section or 'the config'} has: {', '.join(keys)}" if keys else "")
+        return f"unknown key {key}; {hint} (to add a new key: +{key}=...)".replace("; (", " (")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, OverrideParseException):
+        reason = lines[1].split(" expecting ")[0] if len(lines) > 1 else ""
+        return (f"could not read the override {lines[0].removeprefix('Error parsing override ')} ({reason}); "
+                f"quote a value with brackets, parentheses, commas or spaces whole: 'key=\"value\"'")
+    if isinstance(e, MissingConfigException):
+        options = [line for line in lines[1:] if not line.startswith(("Available", "_"))]
+        return lines[0] + (f"; choose one of: {', '.join(options)}" if options else "")
+    message = lines[0] if lines else type(e).__name__
+    if cause is not None and str(cause).strip():
+        message += ": " + str(cause).strip().splitlines()[0]
+    return message
+
+
+def error_line(e: Exception) -> str:
+    """The one line for an error in composing or checking a config, whoever raised it."""
+    from hydra.errors import HydraException
+
+    if isinstance(e, HydraException):
+        return hydra_error_line(e)
+    return one_line(e)
+
+
 def entry(hydra_main) -> None:
+    from hydra.errors import HydraException
+
     _failures.clear()
     try:
         check_group_choices(sys.argv[1:])
         check_resume_alone(sys.argv[1:])
+        check_new_task_keys(sys.argv[1:])
     except LoramboError as e:
         fail(str(e))
         sys.exit(2)
-    hydra_main()
+    full_error = os.environ.get("HYDRA_FULL_ERROR")  # the user asked for Hydra's own traceback
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its composition errors instead of printing them
+    try:
+        with stoppable():
+            hydra_main()
+    except (HydraException, OmegaConfBaseException, LoramboError) as e:
+        if full_error == "1":
+            raise
+        fail(error_line(e))
+        sys.exit(2)
+    except (KeyboardInterrupt, RunStopped) as e:  # before a run had its folder: nothing of it to say
+        how = e.how if isinstance(e, RunStopped) else "Ctrl-C"
+        fail(f"stopped by {how} before a run started; nothing written")
+        sys.exit(exit_code(how))
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
     if _failures:
         sys.exit(1)
 

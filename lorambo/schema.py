@@ -4,11 +4,13 @@ pydantic (already installed with wandb) rather than Hydra's structured configs: 
 errors and `extra="forbid"` for misspelt keys, over the yaml groups as they are, without rewriting each group
 as a dataclass. A method's own options are its class's `Options` model (lorambo/methods/)."""
 
+import re
 from difflib import get_close_matches
 from typing import Literal
 
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
 
 from lorambo.errors import LoramboError
 
@@ -93,12 +95,21 @@ class Budget(Section):
 class Task(BaseModel):
     model_config = ConfigDict(extra="allow")  # each source has its own keys (paths, fields, splits)
     type: Literal["classification", "regression", "lm", "image_classification", "instruct"]
+    name: StrictStr
+    source: StrictStr | None = None
+    path: StrictStr | None = None
+    validation_path: StrictStr | None = None
+    text_fields: list[StrictStr] | None = None
+    label_field: StrictStr | None = None
+    label_names: list[StrictStr] | None = None  # local files: the labels' names in order (lorambo/local_file.py)
+    train_split: StrictStr | None = None
+    validation_fraction: float | None = Field(default=None, gt=0, lt=1)
     num_labels: int | None = Field(default=None, ge=1)
     max_train_samples: int | None = Field(default=None, ge=1)  # null: no limit
     max_eval_samples: int | None = Field(default=None, ge=1)
     max_length: StrictInt | None = Field(default=None, ge=1)  # strict: a float (1e9) reached the tokenizer
-    metrics: list[str] = []
-    main_metric: str | None = None
+    metrics: list[StrictStr] = []
+    main_metric: StrictStr | None = None
     dev_fraction: float | None = Field(default=None, gt=0, lt=1)  # set: evaluate on a dev split carved from train
     document_end: Literal["eos"] | None = "eos"  # lm: the end token after each text row, or none (WikiText lines)
 
@@ -107,7 +118,7 @@ class Task(BaseModel):
         if self.type == "classification" and (self.num_labels or 0) < 2:
             raise ValueError("a classification task needs task.num_labels >= 2 (for one output: "
                              "task.type=regression)")
-        if self.model_extra.get("text_fields") == []:
+        if self.text_fields == []:
             raise ValueError("task.text_fields=[] names no text; give the field(s) that hold it, e.g. "
                              "task.text_fields=[text]")
         known = TASK_METRICS[self.type]
@@ -124,6 +135,58 @@ class Task(BaseModel):
         return self
 
 
+class Model(Section):
+    """The keys the model configs use (lorambo/conf/model/); a misspelt `+model.KEY` is refused here."""
+    name: StrictStr
+    family: Literal["auto", "encoder", "causal_lm", "t5", "vision"]
+    pretrained: StrictStr | None = None
+    tokenizer: StrictStr | None = None
+    target_modules: StrictStr  # a regex over module names, or auto (found from the model)
+    head_modules: StrictStr | list[StrictStr] = []
+    per_head_modules: StrictStr | None = None
+    lr: float = Field(gt=0)
+    full_ft_lr: float | None = Field(default=None, gt=0)
+    base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    quantize: Literal["4bit"] | None = None
+    trust_remote_code: StrictBool = False
+    reset_head: StrictBool = False
+    hf_config: dict | None = None  # a transformers config's own keys (a model built from scratch)
+    pretrain: dict | None = None  # a base pretrained here (lorambo/pretrain.py)
+    timm_name: StrictStr | None = None
+    timm_kwargs: dict | None = None
+    in_chans: int | None = Field(default=None, ge=1)
+    image_size: int | None = Field(default=None, ge=1)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @field_validator("target_modules", "per_head_modules")
+    @classmethod
+    def a_regex(cls, value):
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"not a regular expression ({e}); quote it whole, e.g. "
+                                 f"'model.target_modules=\"(q|v)_proj$\"'") from None
+        return value
+
+
+class Logger(Section):
+    name: Literal["wandb", "none"]
+    mode: Literal["offline", "online", "disabled"] | None = None
+    project: StrictStr | None = None
+
+
+class Choice(BaseModel):
+    """A method, allocator or optimizer: its reserved keys here, its own options by its class (lorambo/methods,
+    lorambo/allocation.py) or its constructor (lorambo/optimizers)."""
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr
+    module: StrictStr | None = None  # a plug-in's module, imported before its name is looked up
+    report_order: int | None = None
+    from_run: StrictStr | None = None  # allocator: the ranks of an earlier run
+
+
 # the metrics each task type computes (lorambo/metrics.py, evaluation.py, instruct.py)
 TASK_METRICS = {
     "classification": ("accuracy", "f1", "mcc"),
@@ -138,11 +201,11 @@ class Run(Section):
     seed: int = Field(ge=0, lt=2**32)  # numpy's seeds are 32-bit (accelerate's set_seed seeds it)
     resume: str | None = None
     skip_finished: bool = False
-    model: dict  # the groups checked elsewhere: model and logger by their use, method and allocator by their
-    logger: dict  # own options (lorambo/methods, lorambo/allocation.py), the optimizer by its constructor
-    optimizer: dict
-    method: dict
-    allocator: dict
+    model: Model
+    logger: Logger
+    optimizer: Choice
+    method: Choice
+    allocator: Choice
     lora: Lora
     sensitivity: Sensitivity
     train: Train
@@ -185,3 +248,16 @@ def validate_options(model: type[BaseModel], options: dict, prefix: str) -> None
         model.model_validate(options)
     except ValidationError as e:
         raise LoramboError(one_line(e, {**options}, prefix)) from None
+
+
+def check_config(cfg) -> None:
+    """Every value and key, once, before anything is built: the sections', then the method's, the allocator's and
+    the optimizer's own options (their classes' and functions' own models: imported here, as they import this)."""
+    from lorambo.allocation import allocator_options
+    from lorambo.methods import checked_method_class
+    from lorambo.optimizers import optimizer_options
+
+    validate(cfg)
+    if checked_method_class(cfg.method).uses_allocator:
+        allocator_options(cfg.allocator, cfg.method)
+    optimizer_options(cfg.optimizer)

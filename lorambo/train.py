@@ -30,7 +30,8 @@ from lorambo.pretrain import base_sha256
 from lorambo.results import (RunLog, append_jsonl, hub_revisions, library_versions, optimizer_state_bytes,
                              peak_memory_bytes, reset_peak_memory, source_revision, write_json_atomic,
                              write_text_atomic)
-from lorambo.schema import validate
+from lorambo.schema import check_config
+from lorambo.stopping import RunStopped, stop_at_step_end, stop_requested
 
 
 @dataclass
@@ -49,7 +50,7 @@ def run(cfg, run_dir: str) -> dict:
     from accelerate.utils import set_seed
 
     t_start = time.perf_counter()
-    validate(cfg)  # every value and key, once, before anything is built
+    check_config(cfg)
     resolve_family(cfg)
     check_model_fits_task(cfg.model, cfg.task)
     accelerator = make_accelerator(cfg)
@@ -156,9 +157,9 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, evaluate_now, 
     t_train = t_interval = time.perf_counter()
     p = progress
     trainable = [q for q in model.parameters() if q.requires_grad]  # clipped each step; new after growth
-    # a context manager, so the bar is closed before any error line is printed
+    # context managers: the bar closed before any error line; a SIGTERM kept for a step's end, a Ctrl-C's step said
     with tqdm(total=steps, initial=p.step, desc="train", disable=not accelerator.is_main_process,
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True) as bar, stop_at_step_end(p, steps):
         method.train_mode(model)
         while p.step < steps:
             start_epoch(train_loader, p.epoch)
@@ -187,7 +188,8 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, evaluate_now, 
                 if cfg.train.eval_every and p.step % cfg.train.eval_every == 0 and p.step < steps:
                     log({f"eval/{k}": v for k, v in evaluate_now(model).items()}, p.step)
                     method.train_mode(model)
-                if checkpoint_every and p.step % checkpoint_every == 0 and p.step < steps:
+                stop = stop_requested() if p.step < steps else None  # SIGTERM (preemption): checkpoint, stop
+                if checkpoint_every and (p.step % checkpoint_every == 0 or stop) and p.step < steps:
                     state = {**asdict(p), "interval_loss": float(p.interval_loss),
                              "train_seconds": p.train_seconds + time.perf_counter() - t_train}
                     checkpoint.save(run_dir, {
@@ -196,6 +198,8 @@ def train(cfg, method, model, optimizer, scheduler, train_loader, evaluate_now, 
                                                                if k.endswith("_raw")}},
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                         resolved, accelerator)
+                if stop:
+                    raise RunStopped(stop, p.step, steps)
                 if p.step >= steps:
                     break
             if p.step < steps:

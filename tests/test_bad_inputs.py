@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.helpers import run_cli, run_main
 
@@ -73,6 +74,99 @@ def test_a_bad_value_or_key_is_one_line_and_no_result(case, tmp_path, monkeypatc
     assert_one_error_line(code, err, message)
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert (tmp_path / "run" / "error.txt").read_text().strip() in err
+
+
+# errors inside Hydra's composition and resolution, and options the method, allocator or optimizer do not take:
+# refused before anything is built (fast), whatever raised them
+COMPOSITION = {
+    "unknown key without +": (["train.lrr=1"], "unknown key train.lrr; did you mean train.lr? (to add a new key: "),
+    "p_max on a rank budget": (["budget.p_max=[1,2]"], "unknown key budget.p_max; budget has: kind, rank, scale"),
+    "override that does not parse": (['model.target_modules=(["'], "could not read the override 'model.target_modu"),
+    "target_modules not a regex": (["model.target_modules='(q'"], "model.target_modules='(q': not a regular express"),
+    "+task misspelt": (["+task.label_nmes=[a,b]"], "unknown key task.label_nmes; did you mean task.label_names?"),
+    "+task unknown": (["+task.foo=1"], "unknown key task.foo; the task keys are: "),
+    "+model misspelt": (["+model.targt_modules=x"], "unknown key model.targt_modules"),
+    "an interpolation to nothing": (["train.lr=${oops}"], "train.lr: Interpolation key 'oops' not found"),
+    "a list where a list cannot merge": (["task.metrics={a:1}"], "Error merging override task.metrics={a:1}"),
+    "hydra's own key, wrong type": (["hydra.job.chdir=[1]"], "hydra.job.chdir=[1]: Value '[1]' is not a valid bool"),
+    "optimizer option misspelt": (["+optimizer.betass=[0.9,0.9]"], "optimizer adamw has no option 'betass' (did you "
+                                                                    "mean 'betas'?)"),
+    "optimizer option wrong type": (["optimizer=galore", "method=full_ft", "optimizer.rank=[1,2]"],
+                                    "optimizer.rank=[1, 2]: input should be"),
+    "allocator option wrong type": (["allocator=gora", "allocator.min_rank=abc"],
+                                    "allocator.min_rank='abc': input should be a valid integer"),
+    "method option wrong type": (["method=adalora", "method.delta_t=[1]"], "method.delta_t=[1]: input should be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPOSITION))
+def test_a_composition_error_is_one_line(case, tmp_path, monkeypatch, capfd):
+    args, message = COMPOSITION[case]
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code, out, err = lorambo_run([*SMOKE, *args, "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert_one_error_line(code, err, message)
+    assert "HYDRA_FULL_ERROR" not in err + out and os.environ.get("HYDRA_FULL_ERROR") is None
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_hydra_full_error_still_gives_the_traceback(tmp_path, monkeypatch, capfd):
+    from hydra.errors import ConfigCompositionException
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the user asked for the whole story
+    with pytest.raises(ConfigCompositionException):
+        lorambo_run([*SMOKE, "train.lrr=1"], tmp_path, monkeypatch, capfd)
+
+
+def test_every_config_key_with_a_wrong_type_is_one_line():
+    """Every leaf key of the composed default config, and of each method's, allocator's and optimizer's options,
+    given a value of the wrong type (a mapping where a list belongs, a list anywhere else) is refused in one line
+    before anything is built, so that a key added later cannot bring back Hydra's or Python's own error. Each
+    choice is composed once and each override applied as Hydra applies it (the composition path through
+    lorambo.cli.main is test_a_composition_error_is_one_line's: a full composition per key would cost a minute)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lorambo.cli import error_line, group_options
+    from lorambo.config import CONF_DIR
+    from lorambo.errors import LoramboError
+    from lorambo.schema import check_config
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    choices = [[], *([f"method={m}"] for m in group_options("method")),
+               *([f"allocator={a}"] for a in group_options("allocator")),
+               *(["method=full_ft", f"optimizer={o}"] for o in group_options("optimizer"))]
+    parser, seen, wrong = OverridesParser.create(), set(), []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for choice in choices:
+            composed = compose("config", overrides=choice)
+            check_config(composed)  # the choice itself is valid
+            for key, value in leaves(OmegaConf.to_container(composed)):
+                if key in seen:
+                    continue
+                seen.add(key)
+                override = f"{key}={'{a:1}' if isinstance(value, list) else '[1,2]'}"
+                cfg = composed.copy()
+                try:
+                    ConfigLoaderImpl._apply_overrides_to_config(parser.parse_overrides([override]), cfg)
+                    check_config(cfg)
+                    wrong.append((choice, override, "accepted"))
+                except Exception as e:  # noqa: BLE001  (which exceptions reach the user is what is tested)
+                    from hydra.errors import HydraException
+                    from omegaconf.errors import OmegaConfBaseException
+
+                    line = error_line(e) if isinstance(e, (HydraException, OmegaConfBaseException,
+                                                           LoramboError)) else None
+                    if not line or "\n" in line:
+                        wrong.append((choice, override, f"{type(e).__name__}: {e}"))
+    assert len(seen) > 100 and "allocator.min_rank" in seen and "optimizer.update_proj_gap" in seen
+    assert not wrong, wrong[:5]
 
 
 @pytest.mark.slow

@@ -86,10 +86,11 @@ def test_skip_finished_continues_a_sweep_without_rerunning_its_finished_runs(tmp
     args = ["-m", "experiment=smoke", "logger=none", "train.max_steps=2", "seed=0,1", "hydra.sweep.dir=sweep"]
     assert run_main(args, tmp_path, monkeypatch, capfd)[0] == 0
     first, second = sorted((tmp_path / "sweep").glob("*/metrics.json"))
-    os.remove(second)  # as if the sweep had stopped before its second run finished
+    second.write_text(second.read_text()[:30])  # damaged (a copy cut short): the cell is run again, no traceback
     stamp = first.stat().st_mtime_ns
-    code, out, _ = run_main([*args, "skip_finished=true"], tmp_path, monkeypatch, capfd)
-    assert code == 0 and out.count("not run again") == 1 and second.exists()
+    code, out, err = run_main([*args, "skip_finished=true"], tmp_path, monkeypatch, capfd)
+    assert code == 0 and out.count("not run again") == 1 and "Traceback" not in err, err[-2000:]
+    assert json.loads(second.read_text())["steps"] == 2
     assert first.stat().st_mtime_ns == stamp  # the finished run was left as it was
     code, out, _ = run_main([*args, "skip_finished=true", "train.max_steps=3"], tmp_path, monkeypatch, capfd)
     assert code == 0 and "not run again" not in out  # another config: both run

@@ -157,3 +157,78 @@ def test_a_planted_pickle_is_refused_and_runs_nothing(target, tmp_path, monkeypa
     assert "lorambo-run: error:" in result.stderr and "not loaded" in result.stderr
     assert not marker.exists()
     assert (run_dir / "metrics.json").read_text() == before  # the finished run's result is untouched
+
+
+def stop_by_signal(sig, tmp_path, args):
+    """Start the real script, send `sig` once its first checkpoint is on disk, and return (exit code, stderr)."""
+    proc = cli([*args, "hydra.run.dir=stopped"], tmp_path)
+    deadline = time.time() + 300
+    while not os.path.exists(tmp_path / "stopped" / "checkpoint.pt") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def assert_stopped_cleanly(run_dir, code, err, expected_code, how):
+    import fcntl
+    import re
+
+    assert code == expected_code and "Traceback" not in err, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("lorambo-run: error:")]
+    assert len(lines) == 1 and f"stopped by {how} at step " in lines[0], err[-2000:]
+    assert f"continue with lorambo-run resume={run_dir}" in lines[0]
+    assert not os.path.exists(run_dir / "metrics.json")
+    with open(run_dir / ".lock", "w") as lock:  # released: another run may take the folder
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return [int(n) for n in re.findall(r"step (\d+)", lines[0])]
+
+
+STOPPED = ["experiment=smoke", "train.max_steps=80", "train.checkpoint_every=10", "seed=2", "task.max_eval_samples=16"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_names_the_checkpoint_to_resume_from(tmp_path):
+    code, err = stop_by_signal(signal.SIGINT, tmp_path, STOPPED)
+    stopped_at, saved = assert_stopped_cleanly(tmp_path / "stopped", code, err, 130, "Ctrl-C")
+    assert saved % 10 == 0 and saved <= stopped_at < 80  # Ctrl-C stops where it is: the last regular checkpoint
+
+
+@pytest.mark.slow
+def test_a_sigterm_saves_a_checkpoint_at_its_step_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch,
+                                                                                          capfd):
+    """What SLURM sends a preempted job: the step under way ends, is checkpointed, and the run stops in one
+    line; `resume=` then ends exactly as the run that was never stopped."""
+    code, err = stop_by_signal(signal.SIGTERM, tmp_path, STOPPED)
+    stopped_at, saved = assert_stopped_cleanly(tmp_path / "stopped", code, err, 143, "SIGTERM")
+    assert saved == stopped_at and stopped_at < 80
+    assert (tmp_path / "stopped" / "error.txt").exists()
+    resumed = run_here(["resume=stopped"], tmp_path, monkeypatch, capfd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (tmp_path / "stopped" / "error.txt").exists()  # the folder no longer says it failed
+    run_in_process(STOPPED, tmp_path / "whole")
+    a = json.load(open(tmp_path / "whole" / "metrics.json"))
+    b = json.load(open(tmp_path / "stopped" / "metrics.json"))
+    assert b["resumed_from_step"] == stopped_at
+    assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6)
+    assert losses(tmp_path / "stopped") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
+
+
+def test_a_sigterm_before_training_is_one_line_and_leaves_no_result(tmp_path, monkeypatch, capfd):
+    """Preempted while the data and base load: no step to checkpoint, the folder released, nothing written."""
+    import lorambo.train
+
+    def preempted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this thread at once
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(lorambo.train, "load_data_and_base", preempted)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = run_here(["experiment=smoke", "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lorambo-run: error:")]
+    assert lines == ["lorambo-run: error: stopped by SIGTERM before training ended; no result written; no "
+                     "checkpoint was saved (train.checkpoint_every=N saves one every N steps): run it again"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it

@@ -57,6 +57,20 @@ def allocator_parameters(name: str) -> set[str]:
     return names
 
 
+def allocator_option_model(name: str):
+    """A pydantic model of the allocator's options, typed by its functions' annotations: a list given where a rank
+    belongs is refused in one line before anything is built, not deep in the allocation."""
+    from pydantic import ConfigDict, create_model
+
+    allocator = _get(name)
+    fields = {}
+    for fn in (allocator.allocate, allocator.required_stats, allocator.initialise or (lambda: None)):
+        for p in inspect.signature(fn).parameters.values():
+            if p.name in allocator_parameters(name) and p.annotation is not p.empty:
+                fields[p.name] = (p.annotation, p.default)
+    return create_model(f"{name}_options", __config__=ConfigDict(extra="allow"), **fields)
+
+
 def required_stats(name: str, **options) -> set[str]:
     return _get(name).required_stats(**options)
 

@@ -87,14 +87,19 @@ def method_class(method_cfg) -> type:
     return METHODS[method_cfg.name]
 
 
-def build_method(cfg, layers, steps: int, run_dir: str, is_main: bool):
-    cls = method_class(cfg.method)
-    check_options(cfg.method, cls.Options.model_fields, f"method {cfg.method.name}")
+def checked_method_class(method_cfg) -> type:
+    """The method's class, once its options are known to it and of their types (before anything is built)."""
+    cls = method_class(method_cfg)
+    check_options(method_cfg, cls.Options.model_fields, f"method {method_cfg.name}")
     from lorambo.schema import validate_options
 
-    options = OmegaConf.to_container(cfg.method, resolve=True)
+    options = OmegaConf.to_container(method_cfg, resolve=True)
     validate_options(cls.Options, {k: v for k, v in options.items() if k not in RESERVED_KEYS}, "method.")
-    return cls(cfg, layers, steps, run_dir, is_main)
+    return cls
+
+
+def build_method(cfg, layers, steps: int, run_dir: str, is_main: bool):
+    return checked_method_class(cfg.method)(cfg, layers, steps, run_dir, is_main)
 
 
 class Method:
