@@ -109,6 +109,7 @@ def write_allocation(cfg, method, layers, p_max, ranks, stats, required, run_dir
         "allocator": method.label(), "p_max": p_max, "ranks": ranks,
         "statistics": sorted(required) if not cfg.allocator.get("from_run") else [],
         "from_run": cfg.allocator.get("from_run"), "lora_scaling": cfg.lora.scaling,
+        "shapes": {l.name: [l.d_out, l.d_in] for l in layers},  # what a reuse (allocator.from_run) is checked against
         **left_out(layers, p_max, ranks),
         "sensitivity": {name: {layer: {"mean": stats[f"{name}_raw"][layer], **bars}
                                for layer, bars in per_layer.items()}
@@ -116,22 +117,35 @@ def write_allocation(cfg, method, layers, p_max, ranks, stats, required, run_dir
 
 
 def ranks_from_run(path: str, layers, p_max: int) -> dict[str, int]:
-    """Reuse another run's allocation (its allocation.json, or the final ranks in metrics.json)."""
+    """Reuse another run's allocation (the final ranks in its metrics.json, else its allocation.json), only on
+    the layers it was made for: the same names, all of them, of the same shapes."""
     import json
 
+    found = {}
     for file in ("metrics.json", "allocation.json"):
-        if os.path.exists(os.path.join(path, file)):
+        try:
             with open(os.path.join(path, file)) as f:
-                ranks = json.load(f)["ranks"]
-            break
-    else:
-        raise LoramboError(f"allocator.from_run='{path}' has no allocation.json or metrics.json; "
-                           f"point it at a run folder")
+                found[file] = json.load(f)
+        except (OSError, ValueError):
+            pass
+    if not found:
+        raise LoramboError(f"allocator.from_run='{path}' has no readable allocation.json or metrics.json; "
+                           f"point it at a run folder (or a lorambo-allocate folder)")
+    ranks = next(record["ranks"] for record in found.values())
+    allocation = found.get("allocation.json", {})
     known = {l.name: l for l in layers}
     unknown = sorted(set(ranks) - set(known))
-    if unknown:
-        raise LoramboError(f"allocator.from_run ranks name layers this model does not have ({unknown[0]}, ...); "
-                           f"reuse a run of the same model")
+    missing = sorted(set(known) - set(ranks) - set(allocation.get("left_out", [])))
+    other_shape = [n for n, shape in allocation.get("shapes", {}).items()
+                   if n in known and list(shape) != [known[n].d_out, known[n].d_in]]
+    if unknown or missing or other_shape:
+        what = (f"name layers this model does not have ({unknown[0]}, ...)" if unknown
+                else f"do not cover {len(missing)} of this model's {len(known)} adapted layers ({missing[0]}, ...)"
+                if missing else f"were made for layers of other shapes ({other_shape[0]}: "
+                                f"{allocation['shapes'][other_shape[0]]}, here {known[other_shape[0]].d_out} x "
+                                f"{known[other_shape[0]].d_in})")
+        raise LoramboError(f"allocator.from_run='{path}' ranks {what}; reuse a run of the same model and "
+                           f"model.target_modules")
     cost = allocation_cost(ranks, layers)
     if cost > p_max:
         raise LoramboError(f"allocator.from_run allocation costs {cost:,} > P_max={p_max:,}; use that run's budget")

@@ -79,6 +79,8 @@ def check_max_length(task_cfg, tokenizer) -> None:
 def _check_file(path) -> str:
     if not path or not os.path.exists(str(path)):
         raise LoramboError(f"data file not found: '{path}'; check task.path (or run `make setup` for offline assets)")
+    if os.path.isdir(str(path)):
+        raise LoramboError(f"'{path}' is a folder; give task.path the data file in it")
     return str(path)
 
 

@@ -30,9 +30,16 @@ def read_rows(path: str) -> list[dict]:
                            f"save it as UTF-8") from None
     if not text.strip():
         raise LoramboError(f"'{path}' is empty; give task.path a file with a header and rows")
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise LoramboError(f"'{path}' line {line} holds a NUL byte: not a text file, or damaged; remove it")
     if path.endswith((".csv", ".tsv")):
+        csv.field_size_limit(2**31 - 1)  # a long text is the tokenizer's to cut at task.max_length, not csv's
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.endswith(".tsv") else ",")
-        rows = list(reader)
+        try:
+            rows = list(reader)
+        except csv.Error as e:
+            raise LoramboError(f"'{path}' line {reader.line_num} cannot be read as CSV ({e}); fix it") from None
         if not rows:
             raise LoramboError(f"'{path}' has a header ({', '.join(reader.fieldnames or [])}) but no rows")
         return rows
@@ -81,6 +88,10 @@ def check_texts(rows: list[dict], fields, path: str) -> None:
         for field in fields:
             if row.get(field) is None or not str(row[field]).strip():
                 raise LoramboError(f"'{path}' record {i} has an empty '{field}'; fill it or remove the record")
+            if isinstance(row[field], (list, dict, bool)):  # str() would train on "['a', 'b']" or "True"
+                fix = "write a label as 0/1 or a name" if isinstance(row[field], bool) else "write it as text"
+                raise LoramboError(f"'{path}' record {i} has {type(row[field]).__name__} {json.dumps(row[field])[:40]} "
+                                   f"in '{field}', where text or a label belongs; {fix}")
 
 
 def label_ids(splits: dict[str, list], task_cfg, paths: dict[str, str]) -> tuple[dict[str, list], list | None]:
@@ -99,6 +110,10 @@ def label_ids(splits: dict[str, list], task_cfg, paths: dict[str, str]) -> tuple
             if bad:
                 raise LoramboError(f"'{paths[split]}' record {bad[0][0]} has label {bad[0][1]}, outside 0..{n - 1} "
                                    f"({len(bad)} such); set task.num_labels or fix the labels")
+        unseen = sorted(set(ids.get("validation", [])) - set(ids["train"]))
+        if unseen:  # a class no training record has cannot be learnt: its validation records only lower the score
+            raise LoramboError(f"'{paths['validation']}' has label {unseen[0]}, which no record of "
+                               f"'{paths['train']}' has; add training records of it, or fix the label")
         return ids, None
     names = list(task_cfg.get("label_names") or sorted({str(v) for v in splits["train"]}))
     if len(names) != n:

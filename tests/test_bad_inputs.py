@@ -193,6 +193,17 @@ LOCAL_FILES = {
     "label out of range": ("train.csv", "text,label\n" + ROWS + "a terrible film,5\n",
                            "record 41 has label 5, outside 0..1"),
     "mixed label types": ("train.csv", "text,label\n" + ROWS + "a terrible film,neg\n", "mix numbers and names"),
+    "a field past csv's limit": ("train.csv", "text,label\n" + ROWS + "a " * 100_000 + ",1\n",
+                                 None),  # a long text is the tokenizer's to cut: it trains
+    "NUL byte": ("train.csv", "text,label\n" + ROWS + "bad\0text,1\n", "line 42 holds a NUL byte"),
+    "a list where text belongs": ("train.jsonl", "".join(json.dumps({"text": ["a", "b"] if i == 3 else f"film {i}",
+                                                                     "label": i % 2}) + "\n" for i in range(40)),
+                                  "record 4 has list [\"a\", \"b\"] in 'text', where text or a label belongs"),
+    "an object where text belongs": ("train.jsonl", "".join(json.dumps({"text": {"a": 1} if i == 3 else f"film {i}",
+                                                                        "label": i % 2}) + "\n" for i in range(40)),
+                                     "record 4 has dict {\"a\": 1} in 'text'"),
+    "boolean labels": ("train.jsonl", "".join(json.dumps({"text": f"film {i}", "label": bool(i % 2)}) + "\n"
+                                              for i in range(40)), "record 1 has bool false in 'label'"),
     "more names than classes": ("train.csv", "text,label\n" + ROWS.replace(",0\n", ",neg\n").replace(",1\n", ",pos\n")
                                 + "so so,meh\n", "the labels are 3 names (meh, neg, pos) but task.num_labels=2"),
 }
@@ -204,8 +215,39 @@ def test_a_bad_local_file_is_one_line(case, tmp_path, monkeypatch, capfd):
     path = write(tmp_path / name, content)
     code, _, err = lorambo_run([*SMOKE, "task=local_file", f"task.path={path}", "hydra.run.dir=run"], tmp_path,
                                monkeypatch, capfd)
+    if message is None:  # a file at an edge that is fine
+        assert code == 0 and (tmp_path / "run" / "metrics.json").exists(), err[-2000:]
+        return
     assert_one_error_line(code, err, message)
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_folder_given_as_the_file_is_one_line(tmp_path, monkeypatch, capfd):
+    (tmp_path / "data.csv").mkdir()
+    code, _, err = lorambo_run([*SMOKE, "task=local_file", f"task.path={tmp_path / 'data.csv'}", "hydra.run.dir=run"],
+                               tmp_path, monkeypatch, capfd)
+    assert_one_error_line(code, err, "is a folder; give task.path the data file in it")
+
+
+def test_a_validation_class_the_training_file_never_had_is_named(tmp_path, monkeypatch, capfd):
+    train = write(tmp_path / "train.csv", "text,label\n" + ROWS)  # classes 0 and 1 of 3
+    valid = write(tmp_path / "valid.csv", "text,label\nfine,1\nodd,2\nmeh,0\n")
+    code, _, err = lorambo_run([*SMOKE, "task=local_file", f"task.path={train}", f"task.validation_path={valid}",
+                                "task.num_labels=3", "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    assert_one_error_line(code, err, f"'{valid}' has label 2, which no record of '{train}' has")
+
+
+@pytest.mark.slow
+def test_a_regression_file_in_the_configs_own_form_trains(tmp_path, monkeypatch, capfd):
+    """The task config's comment says how: task.type=regression task.num_labels=1 task.metrics=[pearson]; the
+    main metric follows the metrics (it stayed `accuracy` and was refused)."""
+    path = write(tmp_path / "scores.csv", "text,label\n" + "".join(f"movie {i},{i / 40:.3f}\n" for i in range(40)))
+    code, _, err = lorambo_run([*SMOKE, "task=local_file", f"task.path={path}", "task.type=regression",
+                                "task.num_labels=1", "task.metrics=[pearson]", "hydra.run.dir=run"], tmp_path,
+                               monkeypatch, capfd)
+    assert code == 0, err[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["main_metric"] == "pearson" and -1 <= metrics["pearson"] <= 1
 
 
 def test_labels_outside_the_range_in_the_validation_file_are_named(tmp_path, monkeypatch, capfd):
@@ -328,3 +370,42 @@ def test_checkpoints_hold_only_tensors_and_plain_data(checkpointed):
     """The planted-pickle case is tests/test_resume.py's; here: what lorambo writes loads with weights_only."""
     state = torch.load(checkpointed / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and "method" in state and "progress" in state
+
+
+@pytest.fixture
+def allocated(tmp_path, monkeypatch, capfd):
+    """A lorambo-allocate folder for the smoke model (allocation.json, adapter_config.json)."""
+    code, _, err = run_main(["experiment=smoke", "allocator=hessian_offline", "hydra.run.dir=alloc"], tmp_path,
+                            monkeypatch, capfd, program="lorambo-allocate")
+    assert code == 0, err[-2000:]
+    return tmp_path / "alloc"
+
+
+def reshaped(allocation: dict, case: str) -> dict:
+    name = sorted(allocation["ranks"])[0]
+    if case == "a shallower model's":  # the other model had fewer layers: some of these have no rank
+        return {**allocation, "ranks": {k: v for k, v in allocation["ranks"].items() if k != name}}
+    if case == "a wider model's":  # the same names, other widths (a larger model of the same family)
+        return {**allocation, "shapes": {**allocation["shapes"], name: [d * 2 for d in allocation["shapes"][name]]}}
+    return {**allocation, "ranks": {"model.layers.0.self_attn.q_proj": 4}}  # another architecture
+
+
+@pytest.mark.parametrize("case,message", [("a shallower model's", "do not cover 1 of this model's"),
+                                          ("a wider model's", "were made for layers of other shapes"),
+                                          ("another architecture's", "name layers this model does not have")])
+def test_an_allocation_of_another_model_is_refused(case, message, allocated, monkeypatch, capfd):
+    allocation = json.loads((allocated / "allocation.json").read_text())
+    (allocated / "allocation.json").write_text(json.dumps(reshaped(allocation, case)))
+    code, _, err = lorambo_run([*SMOKE, f"allocator.from_run={allocated}", "hydra.run.dir=run"], allocated.parent,
+                               monkeypatch, capfd)
+    assert_one_error_line(code, err, message)
+    assert not (allocated.parent / "run" / "metrics.json").exists()
+
+
+def test_the_allocation_of_the_same_model_is_reused(allocated, monkeypatch, capfd):
+    code, _, err = lorambo_run([*SMOKE, f"allocator.from_run={allocated}", "hydra.run.dir=run"], allocated.parent,
+                               monkeypatch, capfd)
+    assert code == 0, err[-2000:]
+    ranks = json.loads((allocated / "allocation.json").read_text())["ranks"]
+    assert json.loads((allocated.parent / "run" / "metrics.json").read_text())["ranks"] == ranks
+
