@@ -108,6 +108,14 @@ def finished_metrics(run_dir: str, cfg) -> dict | None:
     return metrics if isinstance(metrics, dict) and metrics.get("main_metric") in metrics else None
 
 
+def check_output_folders(argv: list[str]) -> None:
+    """Hydra creates the run's (or the sweep's) folder: a file in its place would end in an OSError traceback."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and os.path.exists(value) and not os.path.isdir(value):
+            raise LoramboError(f"{key}='{value}' is a file; give the run a folder")
+
+
 def check_resume_alone(argv: list[str]) -> None:
     """`resume=DIR` continues a run with the config it was started with: another override would be ignored."""
     if not any(a.startswith("resume=") and a != "resume=null" for a in argv):
@@ -295,6 +303,7 @@ def entry(hydra_main) -> None:
         check_group_choices(sys.argv[1:])
         check_resume_alone(sys.argv[1:])
         check_new_task_keys(sys.argv[1:])
+        check_output_folders(sys.argv[1:])
     except LoramboError as e:
         fail(str(e))
         sys.exit(2)

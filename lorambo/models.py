@@ -65,6 +65,9 @@ def hub_id(name):
 def from_hub(loader, name, what: str, model_cfg, **kwargs):
     """`loader.from_pretrained(name)` with the hub's failures as one line each: a gated model (log in), custom
     code (model.trust_remote_code), anything else (the id or the folder)."""
+    if str(name).startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(str(name))):
+        raise LoramboError(f"{what}='{name}' is no folder here; give the folder the model was saved in (or a hub "
+                           f"id, ORG/NAME)")
     try:
         return loader.from_pretrained(hub_id(name), trust_remote_code=bool(model_cfg.get("trust_remote_code")),
                                       **kwargs)
@@ -369,6 +372,7 @@ def load_data_and_base(cfg, run_dir: str, main: bool, device=None):
     data = load_task(cfg.task, cfg.model, tokenizer, cfg.seed)
     trains_base = not method_class(cfg.method).trains_adapter  # full fine-tuning: float32 weights
     model = build_model(cfg.model, cfg.task, tokenizer, trains_base)
+    check_length_fits(cfg.task, model)
     resolve_auto_modules(cfg.model, model)
     model = prepare_base_for_training(model, cfg.model, cfg.train, trains_base)
     if data.label_names:  # a local file's class names: in the model's config (saved with it) and the folder
@@ -380,6 +384,25 @@ def load_data_and_base(cfg, run_dir: str, main: bool, device=None):
     if data.evaluate is not None:
         data.evaluate.observe_base(model.to(device) if device is not None else model)
     return data, model
+
+
+# position embeddings offset by the padding index (their first pad_token_id + 1 rows are never a text position)
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
+
+
+def check_length_fits(task_cfg, model) -> None:
+    """task.max_length within the model's learnt position table: beyond it a long text fails in the forward pass
+    (rotary and relative positions, Llama's, T5's, DeBERTa-v3's, have no table and no such end)."""
+    tables = [m.num_embeddings for name, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and name.endswith(("position_embeddings", "wpe"))]
+    if not task_cfg.get("max_length") or not tables:
+        return
+    positions = min(tables)
+    if model.config.model_type in OFFSET_POSITIONS:
+        positions -= (model.config.pad_token_id or 0) + 1
+    if task_cfg.max_length > positions:
+        raise LoramboError(f"task.max_length={task_cfg.max_length} is longer than the model's {positions} positions; "
+                           f"set task.max_length={positions} or less")
 
 
 def save_base_model(model, model_cfg, run_dir: str) -> None:

@@ -59,6 +59,10 @@ VALUES = {
                            "task.metrics: unknown metric 'foo' for a classification task; choose from: accuracy"),
     "task.text_fields=[]": (["task.text_fields=[]"], "task.text_fields=[] names no text; give the field(s)"),
     "task.max_length=1e9": (["task.max_length=1e9"], "task.max_length=1000000000.0: input should be a valid integer"),
+    "task.max_length past the positions": (["task.max_length=100000"],
+                                           "task.max_length=100000 is longer than the model's 514 positions"),
+    "model.pretrained no folder": (["model.pretrained=/nonexistent/model"],
+                                   "model.pretrained='/nonexistent/model' is no folder here"),
     "+allocator.grow_evry": (["allocator=hessian_online", "+allocator.grow_evry=3"],
                              "allocator hessian_online has no option 'grow_evry' (did you mean 'method.grow_every'?)"),
 }
@@ -95,6 +99,7 @@ COMPOSITION = {
                                     "optimizer.rank=[1, 2]: input should be"),
     "allocator option wrong type": (["allocator=gora", "allocator.min_rank=abc"],
                                     "allocator.min_rank='abc': input should be a valid integer"),
+    "a file as the run folder": (["hydra.run.dir=cli.log"], "hydra.run.dir='cli.log' is a file; give the run a folder"),
     "method option wrong type": (["method=adalora", "method.delta_t=[1]"], "method.delta_t=[1]: input should be"),
 }
 
@@ -103,7 +108,9 @@ COMPOSITION = {
 def test_a_composition_error_is_one_line(case, tmp_path, monkeypatch, capfd):
     args, message = COMPOSITION[case]
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    code, out, err = lorambo_run([*SMOKE, *args, "hydra.run.dir=run"], tmp_path, monkeypatch, capfd)
+    (tmp_path / "cli.log").write_text("a file\n")
+    run_dir = [] if any(a.startswith("hydra.run.dir=") for a in args) else ["hydra.run.dir=run"]
+    code, out, err = lorambo_run([*SMOKE, *args, *run_dir], tmp_path, monkeypatch, capfd)
     assert_one_error_line(code, err, message)
     assert "HYDRA_FULL_ERROR" not in err + out and os.environ.get("HYDRA_FULL_ERROR") is None
     assert not (tmp_path / "run" / "metrics.json").exists()

@@ -231,3 +231,17 @@ def test_llm_track_on_smollm2_compares_lorambos_allocators_with_uniform_at_two_b
         "smollm2", "arithmetic", "instruct", "accuracy")
     assert (cfg.train.batch_size, cfg.train.max_steps) == (8, 60)
     assert (cfg.task.max_test_samples, cfg.task.max_eval_samples, cfg.task.forgetting.max_eval_samples) == (100, 100, 64)
+
+
+@pytest.mark.slow
+def test_table1_on_mpnet_keeps_the_papers_rows_and_a_budget_axis_on_the_real_base():
+    """all-mpnet-base-v2 on both Table 1 tasks: uniform r2, Hessian matched and at the paper's +12%, uniform r8 for
+    the budget axis, 3 seeds, one rate for every row (no search), 125 steps of 16."""
+    cells = preset_cells("table1_mpnet")
+    assert axis(cells, "table_row") == ["hessian_matched_r2", "hessian_paper_r2", "lora_r2", "lora_r8"]
+    assert axis(cells, "task") == ["rt_snippets", "wiki_pairs"] and axis(cells, "seed") == ["0", "1", "2"]
+    assert len(cells) == 24 and "lr_factors" not in sweeper_of("table1_mpnet")
+    cfg = compose_config(["experiment=table1_mpnet", "task=wiki_pairs", "table_row=hessian_paper_r2"])
+    assert (cfg.model.name, cfg.task.max_train_samples, cfg.task.max_eval_samples, cfg.train.epochs) == (
+        "mpnet", 2000, 1000, 1)
+    assert (cfg.allocator.name, cfg.budget.scale) == ("hessian_offline", 1.12)
